@@ -1,0 +1,85 @@
+"""ClientApp (Flower Message API): local FedSGD / FedAvg training on the client's shard, evaluation.
+
+The reply carries exactly what a real client sends — one ArrayRecord (gradient or weights) and
+one MetricRecord (num-examples and protocol metadata) — plus the simulation's evaluation-only
+Secret record (the dataset indices used), which the curious strategy strips before observing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_sim.federation import Federation, prepare
+from fl_sim.scenario import Scenario
+from fl_sim.secret import SECRET_RECORD, Secret
+from fl_sim.training import LocalTraining, evaluate, local_update
+
+CLIENT_ID_QUERY = "query.client_id"
+
+
+def build_client_app(scenario: Scenario | None = None) -> ClientApp:
+    """A ClientApp for ``scenario``; with None it reads ``run_config['scenario']`` (a path, for `flwr run`)."""
+    app = ClientApp()
+
+    def federation(context: Context) -> Federation:
+        return prepare(scenario if scenario is not None else scenario_from_context(context))
+
+    @app.query("client_id")
+    def client_id(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"client-id": _client(context)})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        fed, client = federation(context), _client(context)
+        config = msg.content["config"]
+        server_round = int(config["server-round"])
+        plan = LocalTraining.from_record(config)
+        model = fed.model()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        batches = fed.batches(client, server_round)
+        torch.manual_seed(int(np.random.SeedSequence([fed.scenario.seed, client, server_round]).generate_state(1)[0]))
+        update, loss = local_update(model, fed.data.train, batches, plan, fed.norm, fed.device)
+        used = sum(len(b) for b in batches)
+        metrics = MetricRecord({
+            "num-examples": used if plan.protocol == "fedsgd" else len(fed.shards[client]),
+            "train-loss": loss, "client-id": client, "batch-size": len(batches[0]),
+            "local-steps": len(batches), "lr": plan.lr,
+        })
+        secret = Secret(server_round, client, tuple(batches))
+        return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": metrics,
+                                   SECRET_RECORD: secret.to_record()}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_holdout(msg: Message, context: Context) -> Message:
+        fed, client = federation(context), _client(context)
+        model = fed.model()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        loss, acc, n = evaluate(model, fed.data.train, fed.holdouts[client], fed.norm, fed.device)
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "eval-loss": loss, "eval-acc": acc})}),
+                       reply_to=msg)
+
+    return app
+
+
+def _client(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def scenario_from_context(context: Context) -> Scenario:
+    """The scenario named by the Flower run-config (``[tool.flwr.app.config] scenario = "..."``)."""
+    from fl_sim.scenario import load_scenario
+
+    overrides = [s for s in str(context.run_config.get("overrides", "")).split(";") if s.strip()]
+    return load_scenario(str(context.run_config["scenario"]), overrides)
+
+
+def protocol_config(scenario: Scenario) -> ConfigRecord:
+    t = scenario.training
+    return LocalTraining(t.protocol, t.lr, t.batch_size, t.local_steps, t.local_epochs, t.optimizer, t.momentum,
+                         t.weight_decay, t.batchnorm).to_record()
+
+
+app = build_client_app()

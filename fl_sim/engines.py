@@ -1,0 +1,113 @@
+"""Engines that drive the same ServerApp logic and ClientApp objects.
+
+* ``inprocess``: an in-process Grid that hands each Message to the ClientApp directly (copying
+  content both ways, as a transport would); fast, for quick runs and tests.
+* ``simulation``: Flower's Simulation Engine (Ray), via ``flwr.simulation.run_simulation``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from uuid import uuid4
+
+import numpy as np
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_sim.client import build_client_app
+from fl_sim.registry import Registry
+from fl_sim.scenario import Scenario
+from fl_sim.server import build_server_app, run_federation
+from fl_sim.store import RunStore
+
+Engine = Callable[[Scenario, RunStore, Callable[[int], None] | None], None]
+ENGINES: Registry[Engine] = Registry("engine")
+SERVER_NODE_ID = 1
+CLIENT_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process (one Context per node)."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, seed: int = 0) -> None:
+        self.client_app = client_app
+        rng = np.random.default_rng([seed, 5])
+        node_ids = [int(n) for n in rng.choice(2**62, size=num_nodes, replace=False) + 2]
+        self._run = Run.create_empty(run_id=int(rng.integers(2**62)))
+        self.contexts = {
+            node: Context(run_id=self._run.run_id, node_id=node, state=RecordDict(), run_config={},
+                          node_config={"partition-id": pid, "num-partitions": num_nodes})
+            for pid, node in enumerate(node_ids)}
+        self._inbox: dict[str, Message] = {}
+        self._claim_identity()
+
+    def _claim_identity(self) -> None:
+        """Messages are built from the process's TaskIdentity: here, the ServerApp's (as flwr's runtimes do)."""
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, self._run.run_id, SERVER_NODE_ID
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+        self._claim_identity()
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg_id = str(uuid4())
+            meta = msg.metadata.__dict__
+            meta["_message_id"] = msg_id
+            self._inbox[msg_id] = msg
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._deliver(self._inbox.pop(i)) for i in list(message_ids) if i in self._inbox]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def _deliver(self, msg: Message) -> Message:
+        delivered = copy.deepcopy(msg)  # the client gets its own copy, as over a wire
+        try:
+            reply = self.client_app(delivered, self.contexts[msg.metadata.dst_node_id])
+            return Message(copy.deepcopy(reply.content), reply_to=msg)
+        except Exception as err:  # a failing client is a failed reply, as on a real SuperNode
+            logging.getLogger("fl_sim").debug("client app raised", exc_info=True)
+            return Message(Error(code=CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+
+
+@ENGINES.register("inprocess")
+def run_inprocess(scenario: Scenario, store: RunStore, progress: Callable[[int], None] | None) -> None:
+    grid = InProcessGrid(build_client_app(scenario), scenario.federation.num_clients, scenario.seed)
+    run_federation(grid, scenario, store, progress=progress)
+
+
+@ENGINES.register("simulation")
+def run_on_simulation_engine(scenario: Scenario, store: RunStore, progress: Callable[[int], None] | None) -> None:
+    from flwr.simulation import run_simulation
+
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                             "logging_level": logging.ERROR, "log_to_driver": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(server_app=build_server_app(scenario, store, progress),
+                       client_app=build_client_app(scenario), num_supernodes=scenario.federation.num_clients,
+                       backend_config=backend)

@@ -1,0 +1,69 @@
+"""Federation: the data shards, model and device a scenario implies (loaded once per process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fl_sim.data.images import DataSplits, Normalization
+from fl_sim.data.partition import partition, round_batches, split_holdout
+from fl_sim.data.sources import load_dataset
+from fl_sim.errors import ScenarioError, UserInputError
+from fl_sim.models import build_model
+from fl_sim.scenario import Scenario
+
+
+@dataclass
+class Federation:
+    scenario: Scenario
+    data: DataSplits
+    shards: list[np.ndarray]  # per client: training indices into data.train
+    holdouts: list[np.ndarray]  # per client: held-out indices for client evaluation
+    norm: Normalization  # what the model input is normalized with
+    device: torch.device
+
+    def model(self) -> nn.Module:
+        """A fresh copy of the round-0 global model (seeded)."""
+        s = self.scenario
+        return build_model(s.model, self.data.num_classes, self.data.shape, s.seed).to(self.device)
+
+    def batches(self, client: int, server_round: int) -> list[np.ndarray]:
+        t = self.scenario.training
+        return round_batches(self.shards[client], seed=self.scenario.seed, client=client, server_round=server_round,
+                             batch_size=t.batch_size, local_steps=t.local_steps, local_epochs=t.local_epochs)
+
+
+_CACHE: dict[str, Federation] = {}
+
+
+def prepare(scenario: Scenario) -> Federation:
+    """Load data, partition it and check the federation fits it (UserInputError otherwise)."""
+    key = scenario.model_dump_json(include={"seed", "device", "federation", "data", "model", "training"})
+    if key in _CACHE:
+        return _CACHE[key]
+    data = load_dataset(scenario.data)
+    fed_cfg, d = scenario.federation, scenario.data
+    if len(data.train) < 2 * fed_cfg.num_clients:
+        raise ScenarioError(f"scenario key 'federation.num_clients': {fed_cfg.num_clients} clients need at least "
+                            f"{2 * fed_cfg.num_clients} training images, '{d.dataset}' has {len(data.train)}; "
+                            f"allowed: 1..{len(data.train) // 2}")
+    try:
+        shards = partition(data.train.labels, fed_cfg.num_clients, d.partition, d.alpha, d.seed)
+    except ValueError as err:
+        raise ScenarioError(f"scenario key 'data.alpha': {err}") from None
+    split = [split_holdout(s, d.holdout_fraction, d.seed, c) for c, s in enumerate(shards)]
+    norm = data.normalization if d.normalize else Normalization.identity(data.shape[0])
+    fed = Federation(scenario, data, [t for t, _ in split], [h for _, h in split], norm, resolve_device(scenario.device))
+    _CACHE[key] = fed
+    return fed
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("scenario key 'device': 'cuda' but no CUDA device is visible; allowed here: auto, cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

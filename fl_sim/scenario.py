@@ -1,0 +1,281 @@
+"""Scenario: one experiment loaded from TOML, validated once; everything downstream trusts it."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fl_sim.errors import ScenarioError
+from fl_sim.registry import Registry, UnknownNameError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class FederationConfig(Section):
+    num_clients: int = Field(4, ge=1, le=100_000, description="clients in the federation (one shard each)")
+    clients_per_round: int = Field(2, ge=1, description="clients sampled each round")
+    rounds: int = Field(3, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _fits(self) -> FederationConfig:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(f"federation.clients_per_round = {self.clients_per_round} exceeds "
+                             f"federation.num_clients = {self.num_clients}; allowed: 1..{self.num_clients}")
+        return self
+
+
+class TrainingConfig(Section):
+    protocol: Literal["fedsgd", "fedavg"] = Field(
+        "fedsgd", description="fedsgd: one step, the client sends its gradient; fedavg: local steps, sends weights")
+    batch_size: int = Field(1, ge=1)
+    lr: float = Field(0.1, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    local_steps: int = Field(1, ge=1, description="fedavg: local optimizer steps per round")
+    local_epochs: int = Field(0, ge=0, description="fedavg: if > 0, epochs over the shard instead of local_steps")
+    batchnorm: Literal["train", "eval"] = Field(
+        "train", description="BatchNorm during local training: batch statistics (train) or running statistics (eval)")
+
+    @model_validator(mode="after")
+    def _protocol(self) -> TrainingConfig:
+        if self.protocol == "fedsgd" and (self.local_steps != 1 or self.local_epochs != 0):
+            raise ValueError("training.protocol = 'fedsgd' takes exactly one step: set training.local_steps = 1 and "
+                             "training.local_epochs = 0, or use training.protocol = 'fedavg'")
+        if self.protocol == "fedsgd" and (self.optimizer != "sgd" or self.momentum or self.weight_decay):
+            raise ValueError("training.protocol = 'fedsgd' sends the plain gradient: training.optimizer must be 'sgd' "
+                             "without momentum or weight_decay")
+        return self
+
+
+class DataConfig(Section):
+    dataset: str = "mnist5k"
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition = 'dirichlet')")
+    seed: int = Field(0, ge=0, description="partition / split seed")
+    root: str | None = Field(None, description="folder of torchvision / scikit-learn datasets")
+    path: str | None = Field(None, description="image folder for dataset = 'folder'")
+    download: bool = False
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out test share for datasets without a test split")
+    holdout_fraction: float = Field(0.2, ge=0, lt=1, description="share of each client's shard kept for evaluation")
+    image_size: int | None = Field(None, ge=8, le=1024)
+    channels: Literal[1, 3] | None = None
+    max_samples: int | None = Field(None, ge=1, description="use a seeded subset of the training pool")
+    min_faces_per_person: int = Field(20, ge=1, description="dataset = 'lfw'")
+    normalize: bool = Field(True, description="feed the model (x - mean) / std; scores always use [0, 1] images")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from fl_sim.data.sources import DATASETS
+
+        return _known_name(DATASETS, v)
+
+
+class ModelConfig(Section):
+    name: str = "lenet"
+    pretrained: bool = Field(False, description="torchvision ImageNet weights (must be on disk)")
+    weights: str | None = Field(None, description="state-dict file (.pt / .safetensors) to start from")
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from fl_sim.models import MODELS
+
+        return _known_name(MODELS, v)
+
+    @field_validator("weights")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(os.path.expanduser(v)).is_file():
+            raise ValueError(f"file '{v}' does not exist")
+        return v
+
+
+class ThreatModelConfig(Section):
+    record: Literal["attacked", "all"] = Field(
+        "attacked", description="which clients' observations the run folder keeps: the attacked ones, or all")
+    rounds: list[int] | Literal["all"] = "all"
+    clients: list[int] | Literal["all"] = "all"
+
+
+class ComponentSpec(BaseModel):
+    """An attack or defense by registered name, plus preset overrides checked by the component."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OutputConfig(Section):
+    dir: str = "runs"
+
+
+class Scenario(Section):
+    name: str = "scenario"
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["inprocess", "simulation"] = "inprocess"
+    federation: FederationConfig = FederationConfig()
+    training: TrainingConfig = TrainingConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    threat_model: ThreatModelConfig = ThreatModelConfig()
+    attacks: list[ComponentSpec] = []
+    defenses: list[ComponentSpec] = []
+    metrics: list[str] = []
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("attacks")
+    @classmethod
+    def _attacks(cls, v: list[ComponentSpec]) -> list[ComponentSpec]:
+        from attacks import ATTACKS
+
+        return [s for s in v if _known_name(ATTACKS, s.name)]
+
+    @field_validator("defenses")
+    @classmethod
+    def _defenses(cls, v: list[ComponentSpec]) -> list[ComponentSpec]:
+        from defenses import DEFENSES
+
+        return [s for s in v if _known_name(DEFENSES, s.name)]
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str]) -> list[str]:
+        from fl_sim.scoring import METRICS
+
+        return [_known_name(METRICS, m) for m in v]
+
+    @model_validator(mode="after")
+    def _threat_model(self) -> Scenario:
+        tm, fed = self.threat_model, self.federation
+        for key, values, lo, hi in (("rounds", tm.rounds, 1, fed.rounds), ("clients", tm.clients, 0, fed.num_clients - 1)):
+            bad = [x for x in values if not lo <= x <= hi] if values != "all" else []
+            if bad:
+                raise ValueError(f"threat_model.{key} has {bad[0]}; allowed: 'all' or values in {lo}..{hi}")
+        return self
+
+    def attacked(self, server_round: int, client: int) -> bool:
+        tm = self.threat_model
+        return (tm.rounds == "all" or server_round in tm.rounds) and (tm.clients == "all" or client in tm.clients)
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The resolved scenario as plain data (None values dropped: TOML has no null)."""
+        return _drop_none(self.model_dump(mode="json"))
+
+
+def _known_name(registry: Registry[Any], name: str) -> str:
+    try:
+        registry.get(name)
+    except UnknownNameError as err:
+        raise ValueError(str(err)) from None
+    return name
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+# --- loading ------------------------------------------------------------------------------------
+def load_scenario(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """Read, override (``section.key=value``) and validate a scenario; ScenarioError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(f"scenario file '{path}' does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"scenario file '{path}' is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"scenario file '{path}' is not UTF-8 text") from None
+    raw.setdefault("name", path.stem)
+    return scenario_from_dict(raw, overrides)
+
+
+def scenario_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    raw = dict(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    check_keys(raw, Scenario, "")
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as err:
+        raise ScenarioError(_one_line(err)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``a.b.c=value`` with value parsed as a TOML value (bare words are strings)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ScenarioError(f"--set expects section.key=value, got '{item}'")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, ".".join(parts[: i + 1]))
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise ScenarioError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+    if isinstance(node, list):
+        raise ScenarioError(f"--set {key}: name a key inside a list entry, e.g. attacks.0.iterations")
+    node[parts[-1]] = value
+
+
+def _list_item(node: list[Any], part: str, where: str) -> Any:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ScenarioError(f"--set: '{where}' needs an index in 0..{len(node) - 1}")
+    return node[int(part)]
+
+
+def check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str) -> None:
+    """Unknown keys → ScenarioError naming the key, the closest match and the allowed keys."""
+    fields = model.model_fields
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            if model.model_config.get("extra") == "allow":
+                continue
+            allowed = sorted(fields)
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            raise ScenarioError(f"unknown key '{where}'{suggestion}; allowed in "
+                                f"{prefix.rstrip('.') or 'the top level'}: {', '.join(allowed)}")
+        sub = _section_type(fields[key].annotation)
+        if sub is not None and isinstance(value, dict):
+            check_keys(value, sub, f"{where}.")
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("literal[", "list[", "function-")))
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "literal_error":
+        msg = f"got {e['input']!r}; allowed: {e['ctx']['expected']}"
+    elif "input" in e and e["type"] not in ("value_error", "assertion_error", "missing"):
+        msg = f"{msg} (got {e['input']!r})"
+    return f"scenario key '{loc}': {msg}" if loc else f"scenario: {msg}"

@@ -1,0 +1,121 @@
+"""ServerApp: the federation's round loop with the CuriousStrategy, central test evaluation, run store."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fl_sim.client import CLIENT_ID_QUERY, protocol_config, scenario_from_context
+from fl_sim.federation import prepare
+from fl_sim.observation import Observation
+from fl_sim.scenario import Scenario
+from fl_sim.store import RunStore
+from fl_sim.strategy import CuriousStrategy, ObservedModel, RoundRecord
+from fl_sim.training import evaluate
+
+log = logging.getLogger("fl_sim")
+RoundHook = Callable[[int, list[Observation]], None]
+
+
+def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
+    """node id → client id, asking every connected node (the server knows who its clients are)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {num_clients} clients connected within {timeout:.0f} s")
+        time.sleep(0.5)
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type=CLIENT_ID_QUERY) for n in nodes]
+    mapping = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to identify: {reply.error.reason}")
+        mapping[reply.metadata.src_node_id] = int(reply.content["metrics"]["client-id"])
+    return mapping
+
+
+def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end: RoundHook | None = None,
+                   progress: Callable[[int], None] | None = None) -> None:
+    """Rounds ``store.last_round + 1 .. rounds``: train, observe, aggregate, evaluate, persist."""
+    fed = prepare(scenario)
+    start = store.last_round
+    remaining = scenario.federation.rounds - start
+    if remaining <= 0:
+        return
+    model = fed.model()
+    initial = store.checkpoint() or {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    node_clients = discover_clients(grid, scenario.federation.num_clients)
+    t = scenario.training
+    observed = ObservedModel(
+        protocol=t.protocol, param_names=frozenset(n for n, _ in model.named_parameters()),
+        normalization=fed.norm, num_classes=fed.data.num_classes, image_shape=fed.data.shape,
+        optimizer=t.optimizer, batchnorm=t.batchnorm)
+    record_all = scenario.threat_model.record == "all"
+    round_started = [time.perf_counter()]
+
+    def keep(server_round: int, client: int) -> bool:
+        return record_all or scenario.attacked(server_round, client)
+
+    def on_round(record: RoundRecord) -> None:
+        store.record_round(record)
+        for failure in record.failures:
+            log.warning("round %d: client failed: %s", record.server_round, failure)
+
+    strategy = CuriousStrategy(model=observed, node_clients=node_clients,
+                               clients_per_round=scenario.federation.clients_per_round, seed=scenario.seed,
+                               observe=keep, on_round=on_round, round_offset=start,
+                               evaluate_holdout=scenario.data.holdout_fraction > 0)
+
+    def central_evaluation(local_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Called by Strategy.start after each round's federated evaluation: the round is complete."""
+        server_round = local_round + start
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc, _ = evaluate(model, fed.data.test, None, fed.norm, fed.device)
+        if local_round == 0:
+            return MetricRecord({"test-loss": loss, "test-acc": acc})
+        record = strategy.rounds.pop(server_round, RoundRecord(server_round, {}))
+        if on_round_end is not None:
+            on_round_end(server_round, record.observations)
+        train, ev = record.train_metrics, record.eval_metrics
+        store.finish_round(server_round, {k: v.detach().cpu() for k, v in model.state_dict().items()}, {
+            "test_loss": loss, "test_acc": acc, "train_loss": train.get("train-loss", np.nan),
+            "eval_loss": ev.get("eval-loss", np.nan), "eval_acc": ev.get("eval-acc", np.nan),
+            "clients": " ".join(map(str, record.clients)), "failures": len(record.failures),
+            "round_seconds": round(time.perf_counter() - round_started[0], 4),
+            "record_seconds": round(store.record_seconds, 4)})
+        store.record_seconds = 0.0
+        round_started[0] = time.perf_counter()
+        if progress is not None:
+            progress(server_round)
+        return MetricRecord({"test-loss": loss, "test-acc": acc})
+
+    strategy.start(grid, ArrayRecord({k: torch.as_tensor(v) for k, v in initial.items()}), num_rounds=remaining,
+                   train_config=protocol_config(scenario), evaluate_config=ConfigRecord(),
+                   evaluate_fn=central_evaluation)
+
+
+def build_server_app(scenario: Scenario | None = None, store: RunStore | None = None,
+                     progress: Callable[[int], None] | None = None) -> ServerApp:
+    """A ServerApp bound to a scenario and run folder; unbound, it reads ``run_config`` (for `flwr run`)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_scenario = scenario if scenario is not None else scenario_from_context(context)
+        run_store = store
+        if run_store is None:
+            out = context.run_config.get("out")
+            run_store = RunStore.create(run_scenario, Path(str(out)) if out else None)
+        run_federation(grid, run_scenario, run_store, progress=progress)
+        run_store.update_state(status="finished")
+
+    return app
+
+
+app = build_server_app()
