@@ -8,8 +8,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waitin
 
 import logging
 import sys
-from contextlib import contextmanager
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -34,19 +32,8 @@ def main() -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More logs (-v: info, -vv: debug).")
-def cli(verbose: int) -> None:
+def cli() -> None:
     """fl-sim: how much private data an honest-but-curious FL server can reconstruct."""
-    from flwr.supercore.logger import FLOWER_LOGGER, update_console_handler
-
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(level)
-    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(console)
-    logging.getLogger("fl_sim").setLevel(min(level, logging.INFO))  # run.log always gets INFO
-    update_console_handler(level=level, timestamps=verbose > 1, colored=True)  # Flower's own console handler
-    FLOWER_LOGGER.propagate = False
 
 
 @cli.command()
@@ -56,9 +43,13 @@ def cli(verbose: int) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (default runs/<name>-<time>).")
 @click.option("--engine", type=click.Choice(["inprocess", "simulation"]), help="Override the scenario's engine.")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue an unfinished run folder.")
+@click.option("-v", "--verbose", count=True, help="More logs on the console (-v: info, -vv: debug).")
 def run(scenario: Path | None, overrides: tuple[str, ...], out: Path | None, engine: str | None,
-        resume: Path | None) -> None:
+        resume: Path | None, verbose: int) -> None:
     """Run a federation from a SCENARIO file and record what the server observes."""
+    from fl_sim.logs import configure_console
+
+    configure_console(verbose)
     from fl_sim.engines import ENGINES
     from fl_sim.federation import prepare
     from fl_sim.scenario import load_scenario
@@ -83,6 +74,8 @@ def run(scenario: Path | None, overrides: tuple[str, ...], out: Path | None, eng
         store = RunStore.create(loaded, out)
     else:
         store.discard_unfinished()
+    from fl_sim.logs import run_log
+
     with run_log(store.root):
         execute(loaded, store, ENGINES.get(loaded.engine))
     click.echo(f"run folder: {store.root}")
@@ -110,22 +103,6 @@ def execute(scenario, store, engine) -> None:  # type: ignore[no-untyped-def]
             log.exception("run failed")
             raise
     store.update_state(status="finished" if store.last_round >= rounds else "incomplete")
-
-
-@contextmanager
-def run_log(root: Path) -> Iterator[None]:
-    handler = logging.FileHandler(root / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    loggers = [logging.getLogger("fl_sim"), logging.getLogger("flwr")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-        handler.close()
 
 
 @cli.command(name="list")

@@ -70,10 +70,15 @@ def _client(context: Context) -> int:
 
 def scenario_from_context(context: Context) -> Scenario:
     """The scenario named by the Flower run-config (``[tool.flwr.app.config] scenario = "..."``)."""
+    from pathlib import Path
+
     from fl_sim.scenario import load_scenario
 
+    path = Path(str(context.run_config["scenario"]))
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parents[1] / path  # relative to the app folder (repo or FAB)
     overrides = [s for s in str(context.run_config.get("overrides", "")).split(";") if s.strip()]
-    return load_scenario(str(context.run_config["scenario"]), overrides)
+    return load_scenario(path, overrides)
 
 
 def protocol_config(scenario: Scenario) -> ConfigRecord:

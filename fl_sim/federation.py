@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,11 +25,11 @@ class Federation:
     holdouts: list[np.ndarray]  # per client: held-out indices for client evaluation
     norm: Normalization  # what the model input is normalized with
     device: torch.device
+    template: nn.Module  # the round-0 global model (seeded init, pretrained weights if asked)
 
     def model(self) -> nn.Module:
-        """A fresh copy of the round-0 global model (seeded)."""
-        s = self.scenario
-        return build_model(s.model, self.data.num_classes, self.data.shape, s.seed).to(self.device)
+        """A fresh copy of the round-0 global model on the scenario's device."""
+        return copy.deepcopy(self.template).to(self.device)
 
     def batches(self, client: int, server_round: int) -> list[np.ndarray]:
         t = self.scenario.training
@@ -56,7 +57,9 @@ def prepare(scenario: Scenario) -> Federation:
         raise ScenarioError(f"scenario key 'data.alpha': {err}") from None
     split = [split_holdout(s, d.holdout_fraction, d.seed, c) for c, s in enumerate(shards)]
     norm = data.normalization if d.normalize else Normalization.identity(data.shape[0])
-    fed = Federation(scenario, data, [t for t, _ in split], [h for _, h in split], norm, resolve_device(scenario.device))
+    device = resolve_device(scenario.device)
+    template = build_model(scenario.model, data.num_classes, data.shape, scenario.seed)
+    fed = Federation(scenario, data, [t for t, _ in split], [h for _, h in split], norm, device, template)
     _CACHE[key] = fed
     return fed
 

@@ -152,6 +152,7 @@ class CuriousStrategy(Strategy):
         if arrays is not None and self.model.protocol == "fedsgd":
             arrays = self._fedsgd_step(sent, arrays, kept)
         record.train_metrics = dict(metrics or {})
+        record.observations.sort(key=lambda o: o.client)  # reply order depends on the transport
         self.rounds[real] = record
         self.on_round(record)
         return arrays, metrics

@@ -71,7 +71,7 @@ def local_update(model: nn.Module, pool: ImageSet, batches: Sequence[np.ndarray]
         loss = F.cross_entropy(model(norm.normalize(x.to(device))), y.to(device))
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, float(np.mean(losses))
 
 

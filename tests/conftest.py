@@ -1,0 +1,65 @@
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import tomli_w  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def quiet_flower():
+    """Flower's console handler prints every round at INFO; tests keep it to warnings."""
+    import logging
+
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(level=logging.WARNING, timestamps=False, colored=False)
+
+
+def tiny(**sections) -> dict:
+    """A small valid scenario (mnist5k, LeNet, FedSGD) as a dict; keyword args replace sections."""
+    raw = {
+        "name": "tiny", "seed": 0, "device": "cpu",
+        "federation": {"num_clients": 3, "clients_per_round": 2, "rounds": 2},
+        "training": {"protocol": "fedsgd", "batch_size": 2, "lr": 0.1},
+        "data": {"dataset": "mnist5k", "max_samples": 300},
+        "model": {"name": "lenet"},
+        "threat_model": {"record": "all"},
+    }
+    for key, value in sections.items():
+        raw[key] = raw.get(key, {}) | value if isinstance(value, dict) else value
+    return raw
+
+
+@pytest.fixture
+def write_scenario(tmp_path):
+    def write(raw: dict, name: str = "scenario.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(tomli_w.dumps(raw))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run the fl-sim console entry point in-process: returns (exit code, stdout, stderr)."""
+    import sys
+
+    from fl_sim.cli import main
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["fl-sim", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return invoke
