@@ -21,7 +21,7 @@ def test_lenet_is_dlgs():
                                                                         (12, (5, 5), (1, 1))]
     assert sum(isinstance(m, nn.Sigmoid) for m in model.modules()) == 3
     assert model.fc[0].in_features == 768  # 12 × 8 × 8 for 32 px, as in DLG
-    weights = torch.cat([p.flatten() for p in model.parameters()])
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert float(weights.abs().max()) <= 0.5  # DLG's U(-0.5, 0.5) initialisation
 
 

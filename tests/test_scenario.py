@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from fl_sim.scenario import load_scenario, scenario_from_dict
-from tests.conftest import tiny
+from tests.conftest import ROOT, tiny
 
 BAD_SCENARIOS = [
     # (description, scenario dict, --set overrides, substrings the one-line error must contain)
@@ -116,3 +116,12 @@ def test_defaults_and_name_from_file(tmp_path):
 def test_resolved_scenario_round_trips():
     s = scenario_from_dict(tiny(data={"root": None}))
     assert scenario_from_dict(s.to_toml_dict()) == s
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_scenarios_validate_and_fit_their_data(path):
+    from fl_sim.federation import prepare
+
+    scenario = load_scenario(path)
+    fed = prepare(scenario)
+    assert len(fed.shards) == scenario.federation.num_clients and all(len(s) > 0 for s in fed.shards)
