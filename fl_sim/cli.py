@@ -9,10 +9,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waitin
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from fl_sim.errors import UserInputError
+
+if TYPE_CHECKING:
+    from fl_sim.engines import Engine
+    from fl_sim.scenario import Scenario
+    from fl_sim.store import RunStore
 
 log = logging.getLogger("fl_sim")
 
@@ -40,7 +46,8 @@ def cli() -> None:
 @click.argument("scenario", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a scenario key, e.g. --set federation.rounds=5 (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (default runs/<name>-<time>).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder (default runs/<name>-<time>).")
 @click.option("--engine", type=click.Choice(["inprocess", "simulation"]), help="Override the scenario's engine.")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue an unfinished run folder.")
 @click.option("-v", "--verbose", count=True, help="More logs on the console (-v: info, -vv: debug).")
@@ -81,7 +88,7 @@ def run(scenario: Path | None, overrides: tuple[str, ...], out: Path | None, eng
     click.echo(f"run folder: {store.root}")
 
 
-def execute(scenario, store, engine) -> None:  # type: ignore[no-untyped-def]
+def execute(scenario: Scenario, store: RunStore, engine: Engine) -> None:
     """Run ``engine`` with a round progress bar; record how the run ended in run.json."""
     from tqdm import tqdm
 

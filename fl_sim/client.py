@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_sim.federation import Federation, prepare
@@ -80,11 +80,6 @@ def scenario_from_context(context: Context) -> Scenario:
     overrides = [s for s in str(context.run_config.get("overrides", "")).split(";") if s.strip()]
     return load_scenario(path, overrides)
 
-
-def protocol_config(scenario: Scenario) -> ConfigRecord:
-    t = scenario.training
-    return LocalTraining(t.protocol, t.lr, t.batch_size, t.local_steps, t.local_epochs, t.optimizer, t.momentum,
-                         t.weight_decay, t.batchnorm).to_record()
 
 
 app = build_client_app()

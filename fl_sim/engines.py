@@ -17,6 +17,7 @@ from uuid import uuid4
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -30,7 +31,6 @@ from fl_sim.store import RunStore
 Engine = Callable[[Scenario, RunStore, Callable[[int], None] | None], None]
 ENGINES: Registry[Engine] = Registry("engine")
 SERVER_NODE_ID = 1
-CLIENT_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 class InProcessGrid(Grid):
@@ -90,7 +90,8 @@ class InProcessGrid(Grid):
             return Message(copy.deepcopy(reply.content), reply_to=msg)
         except Exception as err:  # a failing client is a failed reply, as on a real SuperNode
             logging.getLogger("fl_sim").debug("client app raised", exc_info=True)
-            return Message(Error(code=CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}")
+            return Message(error, reply_to=msg)
 
 
 @ENGINES.register("inprocess")

@@ -134,8 +134,8 @@ def imagenet_state_dict(name: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
     path = imagenet_checkpoint(name, spec)
     if not path.exists():
         raise DataUnavailableError(
-            f"ImageNet weights for '{name}' are not on disk: expected {path}; copy the torchvision checkpoint "
-            f"there (or point TORCH_HOME at a folder with hub/checkpoints/{path.name}), or set model.pretrained = false")
+            f"ImageNet weights for '{name}' are not on disk: expected {path}; copy the torchvision checkpoint there "
+            f"(or point TORCH_HOME at a folder with hub/checkpoints/{path.name}), or set model.pretrained = false")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

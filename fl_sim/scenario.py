@@ -142,14 +142,18 @@ class Scenario(Section):
     def _attacks(cls, v: list[ComponentSpec]) -> list[ComponentSpec]:
         from attacks import ATTACKS
 
-        return [s for s in v if _known_name(ATTACKS, s.name)]
+        for spec in v:
+            _known_name(ATTACKS, spec.name)
+        return v
 
     @field_validator("defenses")
     @classmethod
     def _defenses(cls, v: list[ComponentSpec]) -> list[ComponentSpec]:
         from defenses import DEFENSES
 
-        return [s for s in v if _known_name(DEFENSES, s.name)]
+        for spec in v:
+            _known_name(DEFENSES, spec.name)
+        return v
 
     @field_validator("metrics")
     @classmethod
@@ -161,7 +165,8 @@ class Scenario(Section):
     @model_validator(mode="after")
     def _threat_model(self) -> Scenario:
         tm, fed = self.threat_model, self.federation
-        for key, values, lo, hi in (("rounds", tm.rounds, 1, fed.rounds), ("clients", tm.clients, 0, fed.num_clients - 1)):
+        limits = (("rounds", tm.rounds, 1, fed.rounds), ("clients", tm.clients, 0, fed.num_clients - 1))
+        for key, values, lo, hi in limits:
             bad = [x for x in values if not lo <= x <= hi] if values != "all" else []
             if bad:
                 raise ValueError(f"threat_model.{key} has {bad[0]}; allowed: 'all' or values in {lo}..{hi}")

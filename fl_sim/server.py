@@ -12,13 +12,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fl_sim.client import CLIENT_ID_QUERY, protocol_config, scenario_from_context
+from fl_sim.client import CLIENT_ID_QUERY, scenario_from_context
 from fl_sim.federation import prepare
 from fl_sim.observation import Observation
 from fl_sim.scenario import Scenario
 from fl_sim.store import RunStore
 from fl_sim.strategy import CuriousStrategy, ObservedModel, RoundRecord
-from fl_sim.training import evaluate
+from fl_sim.training import LocalTraining, evaluate
 
 log = logging.getLogger("fl_sim")
 RoundHook = Callable[[int, list[Observation]], None]
@@ -53,7 +53,7 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
     node_clients = discover_clients(grid, scenario.federation.num_clients)
     t = scenario.training
     observed = ObservedModel(
-        protocol=t.protocol, param_names=frozenset(n for n, _ in model.named_parameters()),
+        protocol=t.protocol, lr=t.lr, param_names=frozenset(n for n, _ in model.named_parameters()),
         normalization=fed.norm, num_classes=fed.data.num_classes, image_shape=fed.data.shape,
         optimizer=t.optimizer, batchnorm=t.batchnorm)
     record_all = scenario.threat_model.record == "all"
@@ -96,7 +96,8 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
         return MetricRecord({"test-loss": loss, "test-acc": acc})
 
     strategy.start(grid, ArrayRecord({k: torch.as_tensor(v) for k, v in initial.items()}), num_rounds=remaining,
-                   train_config=protocol_config(scenario), evaluate_config=ConfigRecord(),
+                   train_config=LocalTraining.from_scenario(scenario.training).to_record(),
+                   evaluate_config=ConfigRecord(),
                    evaluate_fn=central_evaluation)
 
 

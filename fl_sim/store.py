@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fl_sim.errors import UserInputError
-from fl_sim.observation import round_dir, save_global_state, save_observation
+from fl_sim.observation import save_global_state, save_observation
 from fl_sim.scenario import Scenario, load_scenario
 from fl_sim.secret import SecretLedger
 from fl_sim.strategy import RoundRecord
@@ -59,7 +59,8 @@ class RunStore:
         for name, columns in (("results.csv", RESULT_COLUMNS), ("metrics.csv", METRIC_COLUMNS)):
             with open(root / name, "w", newline="") as f:
                 csv.writer(f).writerow(columns)
-        store._write_state({"name": root.name, "status": "running", "last_round": 0, "rounds": scenario.federation.rounds,
+        store._write_state({"name": root.name, "status": "running", "last_round": 0,
+                            "rounds": scenario.federation.rounds,
                             "started": datetime.now().isoformat(timespec="seconds")})
         return store
 
@@ -130,7 +131,3 @@ class RunStore:
         with open(self.root / "results.csv", "a", newline="") as f:
             csv.DictWriter(f, RESULT_COLUMNS, extrasaction="ignore").writerows(
                 {"run": self.name} | row for row in rows)
-
-    def observed_rounds(self) -> list[int]:
-        return sorted(int(p.name.split("-")[1]) for p in (self.root / "observations").glob("round-*")
-                      if round_dir(self.root, int(p.name.split("-")[1])).exists())

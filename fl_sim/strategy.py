@@ -85,6 +85,7 @@ class ObservedModel:
     """What the server knows of its own model and protocol (needed to build Observations)."""
 
     protocol: str
+    lr: float  # the learning rate of the FedSGD server step
     param_names: frozenset[str]
     normalization: Normalization
     num_classes: int
@@ -150,7 +151,7 @@ class CuriousStrategy(Strategy):
             kept.append(msg)
         arrays, metrics = self.inner.aggregate_train(real, kept)
         if arrays is not None and self.model.protocol == "fedsgd":
-            arrays = self._fedsgd_step(sent, arrays, kept)
+            arrays = self._fedsgd_step(sent, arrays)
         record.train_metrics = dict(metrics or {})
         record.observations.sort(key=lambda o: o.client)  # reply order depends on the transport
         self.rounds[real] = record
@@ -189,14 +190,15 @@ class CuriousStrategy(Strategy):
                            global_state=global_state, update=dict(arrays.to_torch_state_dict()), meta=meta,
                            normalization=m.normalization, num_classes=m.num_classes, image_shape=m.image_shape)
 
-    def _fedsgd_step(self, sent: ArrayRecord, mean: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+    def _fedsgd_step(self, sent: ArrayRecord, mean: ArrayRecord) -> ArrayRecord:
         """θ ← θ − lr · (weighted mean gradient) for parameters; buffers take the weighted mean."""
-        lr = float(next(iter(next(m for m in replies if not m.has_error()).content.metric_records.values()))["lr"])
+        lr = self.model.lr
         current, avg = sent.to_torch_state_dict(), mean.to_torch_state_dict()
         new = {}
         for name, value in current.items():
             if name in self.model.param_names:
                 new[name] = value - lr * avg[name].to(value.dtype)
             else:
-                new[name] = avg[name].to(value.dtype) if value.is_floating_point() else avg[name].round().to(value.dtype)
+                mean_value = avg[name] if value.is_floating_point() else avg[name].round()  # e.g. BN batch counts
+                new[name] = mean_value.to(value.dtype)
         return ArrayRecord(new)

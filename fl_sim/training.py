@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ from flwr.app import ConfigRecord
 from torch import nn
 
 from fl_sim.data.images import ImageSet, Normalization
+
+if TYPE_CHECKING:
+    from fl_sim.scenario import TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,11 @@ class LocalTraining:
     momentum: float
     weight_decay: float
     batchnorm: str
+
+    @staticmethod
+    def from_scenario(t: TrainingConfig) -> LocalTraining:
+        return LocalTraining(t.protocol, t.lr, t.batch_size, t.local_steps, t.local_epochs, t.optimizer, t.momentum,
+                             t.weight_decay, t.batchnorm)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(asdict(self))

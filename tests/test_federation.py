@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fl_sim.cli import execute
-from fl_sim.engines import ENGINES, InProcessGrid
 from fl_sim.client import build_client_app
+from fl_sim.engines import ENGINES, InProcessGrid
 from fl_sim.federation import prepare
 from fl_sim.observation import Observation, load_observations
 from fl_sim.scenario import scenario_from_dict

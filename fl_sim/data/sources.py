@@ -244,7 +244,7 @@ def _torchvision_source(cls_name: str, norm: Normalization, description: str, de
             return None
         if (_root(cfg) / folder).exists():
             return None
-        hint = f" (or install Debian's dataset-fashion-mnist)" if debian else ""
+        hint = " (or install Debian's dataset-fashion-mnist)" if debian else ""
         return f"not found under {_root(cfg)}/{folder}; set data.root to where it is, or data.download = true{hint}"
 
     return DataSource(load, missing, description, False)
