@@ -8,7 +8,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fl_sim.errors import ScenarioError
 from fl_sim.registry import Registry, UnknownNameError
@@ -137,30 +145,17 @@ class Scenario(Section):
     metrics: list[str] = []
     output: OutputConfig = OutputConfig()
 
-    @field_validator("attacks")
+    @field_validator("attacks", "defenses", "metrics")
     @classmethod
-    def _attacks(cls, v: list[ComponentSpec]) -> list[ComponentSpec]:
+    def _registered(cls, v: list[Any], info: ValidationInfo) -> list[Any]:
         from attacks import ATTACKS
-
-        for spec in v:
-            _known_name(ATTACKS, spec.name)
-        return v
-
-    @field_validator("defenses")
-    @classmethod
-    def _defenses(cls, v: list[ComponentSpec]) -> list[ComponentSpec]:
         from defenses import DEFENSES
-
-        for spec in v:
-            _known_name(DEFENSES, spec.name)
-        return v
-
-    @field_validator("metrics")
-    @classmethod
-    def _metrics(cls, v: list[str]) -> list[str]:
         from fl_sim.scoring import METRICS
 
-        return [_known_name(METRICS, m) for m in v]
+        registry = {"attacks": ATTACKS, "defenses": DEFENSES, "metrics": METRICS}[info.field_name]
+        for item in v:
+            _known_name(registry, item if isinstance(item, str) else item.name)
+        return v
 
     @model_validator(mode="after")
     def _threat_model(self) -> Scenario:
