@@ -1,5 +1,44 @@
-"""Attacks of the curious server: ``reconstruct(observation, model) -> Reconstruction``, by name."""
+"""Attacks of the curious server: ``reconstruct(observation, model) -> Reconstruction``, by name.
 
+Gradient-matching presets (dlg, idlg, ggi, afgi, raf-gi) share one engine; a scenario entry
+``{name = "ggi", iterations = 2000}`` overrides any recipe field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from attacks.base import Attack, Reconstruction
+from attacks.gradient_inversion import GradientInversion
+from attacks.recipe import PRESETS, Recipe, recipe
 from fl_sim.registry import Registry
 
-ATTACKS: Registry[object] = Registry("attack")
+AttackFactory = Callable[[dict[str, Any]], Attack]
+ATTACKS: Registry[AttackFactory] = Registry("attack")
+
+for _preset in PRESETS:
+    ATTACKS.add(_preset, lambda params, _p=_preset: GradientInversion(_p, recipe(_p, **params)))
+
+LRB_MODELS = ("resnet18", "resnet50")
+
+
+def build_attack(name: str, params: dict[str, Any]) -> Attack:
+    """The named attack with scenario overrides (pydantic ValidationError on bad keys or values)."""
+    return ATTACKS.get(name)(params)
+
+
+def incompatibility(attack: Attack, model_name: str, protocol: str, optimizer: str) -> str | None:
+    """What in the scenario this attack cannot work with, stated up front (None if compatible)."""
+    r: Recipe | None = getattr(attack, "recipe", None)
+    if r is None:
+        return None
+    if r.labels == "lrb" and model_name not in LRB_MODELS:
+        return (f"labels = 'lrb' needs the model's last residual block ({', '.join(LRB_MODELS)}), "
+                f"not model '{model_name}'; use labels = 'yin' or 'idlg'")
+    if protocol == "fedavg" and optimizer != "sgd":
+        return f"FedAvg with optimizer '{optimizer}' cannot be unrolled by gradient matching; use optimizer 'sgd'"
+    return None
+
+
+__all__ = ["ATTACKS", "Attack", "Reconstruction", "build_attack", "incompatibility"]

@@ -112,6 +112,53 @@ def execute(scenario: Scenario, store: RunStore, engine: Engine) -> None:
     store.update_state(status="finished" if store.last_round >= rounds else "incomplete")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--attack", "attack_name", required=True, help="Registered attack name (see fl-sim list).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override an attack preset value, e.g. --set iterations=2000 (repeatable).")
+@click.option("-v", "--verbose", count=True, help="More logs on the console.")
+def attack(run_dir: Path, attack_name: str, overrides: tuple[str, ...], verbose: int) -> None:
+    """Run an attack on a saved run's observations; rows are appended to its results.csv."""
+    from pydantic import ValidationError
+
+    from attacks import build_attack, incompatibility
+    from fl_sim.federation import prepare
+    from fl_sim.leakage import LeakageRunner
+    from fl_sim.logs import configure_console, run_log
+    from fl_sim.observation import load_observations
+    from fl_sim.scenario import ComponentSpec, one_line, parse_value
+    from fl_sim.store import RunStore
+
+    configure_console(verbose)
+    store = RunStore.open(run_dir)
+    scenario = store.scenario()
+    params = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"--set expects key=value, got '{item}'")
+        params[key.strip()] = parse_value(text)
+    try:
+        built = build_attack(attack_name, params)
+    except ValidationError as err:
+        raise UserInputError(one_line(err, prefix="--set ")) from None
+    except ValueError as err:  # unknown attack name
+        raise UserInputError(f"--attack: {err}") from None
+    why = incompatibility(built, scenario.model.name, scenario.training.protocol, scenario.training.optimizer)
+    if why:
+        raise UserInputError(f"--attack {attack_name}: {why}")
+    fed = prepare(scenario)
+    runner = LeakageRunner(scenario, fed, store, [ComponentSpec(name=attack_name, **params)])
+    rounds = sorted({o.server_round for o in load_observations(store.root) if o.server_round <= store.last_round})
+    if not rounds:
+        raise UserInputError(f"{run_dir}: no finished round has saved observations to attack")
+    with run_log(store.root):
+        for server_round in rounds:
+            runner(server_round, list(load_observations(store.root, rounds={server_round})))
+    click.echo(f"appended {attack_name} rows for rounds {rounds[0]}..{rounds[-1]} to {store.root / 'results.csv'}")
+
+
 @cli.command(name="list")
 def list_components() -> None:
     """Datasets (with availability here), models, attacks, defenses, metrics, engines."""

@@ -31,6 +31,8 @@ class ProtocolMeta:
     local_steps: int  # optimizer steps taken
     lr: float
     optimizer: str
+    momentum: float  # local optimizer settings the server instructed
+    weight_decay: float
     batchnorm: str  # "train" | "eval" during local training
     train_loss: float
 

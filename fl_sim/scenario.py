@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from fl_sim.errors import ScenarioError
+from fl_sim.scoring import DEFAULT_METRICS
 from fl_sim.registry import Registry, UnknownNameError
 
 
@@ -142,7 +143,7 @@ class Scenario(Section):
     threat_model: ThreatModelConfig = ThreatModelConfig()
     attacks: list[ComponentSpec] = []
     defenses: list[ComponentSpec] = []
-    metrics: list[str] = []
+    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
     output: OutputConfig = OutputConfig()
 
     @field_validator("attacks", "defenses", "metrics")
@@ -165,6 +166,21 @@ class Scenario(Section):
             bad = [x for x in values if not lo <= x <= hi] if values != "all" else []
             if bad:
                 raise ValueError(f"threat_model.{key} has {bad[0]}; allowed: 'all' or values in {lo}..{hi}")
+        return self
+
+    @model_validator(mode="after")
+    def _attack_params(self) -> Scenario:
+        """Preset overrides are checked by the attack; incompatibilities are stated up front."""
+        from attacks import build_attack, incompatibility
+
+        for i, spec in enumerate(self.attacks):
+            try:
+                attack = build_attack(spec.name, spec.params)
+            except ValidationError as err:
+                raise ValueError(one_line(err, prefix=f"attacks.{i}.")) from None
+            why = incompatibility(attack, self.model.name, self.training.protocol, self.training.optimizer)
+            if why:
+                raise ValueError(f"scenario key 'attacks.{i}' ({spec.name}): {why}")
         return self
 
     def attacked(self, server_round: int, client: int) -> bool:
@@ -216,7 +232,7 @@ def scenario_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ..
     try:
         return Scenario.model_validate(raw)
     except ValidationError as err:
-        raise ScenarioError(_one_line(err)) from None
+        raise ScenarioError(one_line(err)) from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -224,10 +240,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ScenarioError(f"--set expects section.key=value, got '{item}'")
-    try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text.strip()
+    value = parse_value(text)
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
@@ -240,6 +253,14 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if isinstance(node, list):
         raise ScenarioError(f"--set {key}: name a key inside a list entry, e.g. attacks.0.iterations")
     node[parts[-1]] = value
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML reads it (``3``, ``0.1``, ``true``, ``[1, 2]``); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text.strip()
 
 
 def _list_item(node: list[Any], part: str, where: str) -> Any:
@@ -270,10 +291,12 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
 
 
-def _one_line(err: ValidationError) -> str:
+def one_line(err: ValidationError, prefix: str = "") -> str:
     e = err.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("literal[", "list[", "function-")))
+    loc = prefix + ".".join(str(p) for p in e["loc"] if not str(p).startswith(("literal[", "list[", "function-")))
     msg = e["msg"].removeprefix("Value error, ")
+    if msg.startswith("scenario key "):
+        return msg
     if e["type"] == "literal_error":
         msg = f"got {e['input']!r}; allowed: {e['ctx']['expected']}"
     elif "input" in e and e["type"] not in ("value_error", "assertion_error", "missing"):

@@ -1,5 +1,135 @@
-"""Leakage metrics: Reconstruction vs Secret on [0, 1] images, by name."""
+"""Leakage metrics: a Reconstruction scored against the Secret, on [0, 1] images with data_range 1.
+
+Every image metric takes ``rec, gt``: (N, C, H, W) tensors in [0, 1] already paired one-to-one
+(:func:`pair`), and returns N per-image values. PSNR / SSIM / MSE are scikit-image's; AVD follows
+its authors' reference code; LPIPS is the ``lpips`` package with the real AlexNet backbone, or
+unavailable (with the reason) when torchvision's AlexNet checkpoint is not on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
 from fl_sim.registry import Registry
 
-METRICS: Registry[object] = Registry("metric")
+ALEXNET_CHECKPOINT = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet ImageNet weights, used by lpips
+
+
+class MetricUnavailable(Exception):
+    """A metric that cannot be computed on this machine; the message says why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    fn: Callable[[torch.Tensor, torch.Tensor], np.ndarray]
+    higher_is_better: bool
+    description: str
+
+
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def _check(rec: torch.Tensor, gt: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    if rec.shape != gt.shape or rec.ndim != 4:
+        raise ValueError(f"expected paired (N, C, H, W) batches of one shape, got {tuple(rec.shape)} vs "
+                         f"{tuple(gt.shape)}")
+    for name, t in (("reconstruction", rec), ("ground truth", gt)):
+        if not torch.isfinite(t).all() or float(t.min()) < 0 or float(t.max()) > 1:
+            raise ValueError(f"{name} must be finite and in [0, 1] (range {float(t.min()):.3g}..{float(t.max()):.3g})")
+    return rec.detach().cpu().double().numpy(), gt.detach().cpu().double().numpy()
+
+
+def psnr(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    r, g = _check(rec, gt)
+    return np.array([peak_signal_noise_ratio(gi, ri, data_range=1.0) for ri, gi in zip(r, g, strict=True)])
+
+
+def ssim(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    r, g = _check(rec, gt)
+    win = min(7, *r.shape[-2:]) | 1  # odd window no larger than the image
+    return np.array([structural_similarity(gi, ri, data_range=1.0, channel_axis=0, win_size=win)
+                     for ri, gi in zip(r, g, strict=True)])
+
+
+def mse(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    r, g = _check(rec, gt)
+    return np.array([mean_squared_error(gi, ri) for ri, gi in zip(r, g, strict=True)])
+
+
+def _variation_maps(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First- and second-order absolute variation maps of one (C, H, W) image."""
+    dx, dy = v[:, :, :-1] - v[:, :, 1:], v[:, :-1, :] - v[:, 1:, :]
+    d2x, d2y = dx[:, :, :-1] - dx[:, :, 1:], dy[:, :-1, :] - dy[:, 1:, :]
+    return np.abs(dx[:, 1:, :] + dy[:, :, 1:]), np.abs(d2x[:, 2:, :] + d2y[:, :, 2:])
+
+
+def avd(rec: torch.Tensor, gt: torch.Tensor, c1: float = 1.0, c2: float = 0.5) -> np.ndarray:
+    """Absolute Variation Distance as its authors' reference code computes it (lower is better).
+
+    Both images are rounded to 8 bits first (the reconstruction as |rec|); then
+    AVD = sqrt(c1·mean((T1(rec) − T1(gt))²) + c2·mean((T2(rec) − T2(gt))²)).
+    """
+    r, g = _check(rec, gt)
+    out = []
+    for ri, gi in zip(np.round(np.abs(r) * 255) / 255, np.round(g * 255) / 255, strict=True):
+        (t1r, t2r), (t1g, t2g) = _variation_maps(ri), _variation_maps(gi)
+        out.append(np.sqrt(c1 * np.mean((t1r - t1g) ** 2) + c2 * np.mean((t2r - t2g) ** 2)))
+    return np.array(out)
+
+
+def alexnet_checkpoint() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_CHECKPOINT
+
+
+@functools.cache
+def _lpips_model(checkpoint: str):  # type: ignore[no-untyped-def]
+    import warnings
+
+    import lpips
+
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=True`
+        warnings.simplefilter("ignore", UserWarning)
+        return lpips.LPIPS(net="alex", verbose=False).eval()
+
+
+def lpips_distance(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    """LPIPS (AlexNet, ``normalize=True`` for [0, 1] input); grayscale is repeated to 3 channels."""
+    path = alexnet_checkpoint()
+    if not path.exists():
+        raise MetricUnavailable(f"LPIPS needs torchvision's AlexNet weights at {path}; copy {ALEXNET_CHECKPOINT} "
+                                f"there or set TORCH_HOME to a folder with hub/checkpoints/{ALEXNET_CHECKPOINT}")
+    _check(rec, gt)
+    model = _lpips_model(str(path))
+    expand = (lambda t: t.expand(-1, 3, -1, -1)) if rec.shape[1] == 1 else (lambda t: t)
+    with torch.no_grad():
+        values = model(expand(rec.float().cpu()), expand(gt.float().cpu()), normalize=True)
+    return values.flatten().double().numpy()
+
+
+METRICS.add("psnr", Metric(psnr, True, "peak signal-to-noise ratio, dB (scikit-image, data_range 1)"))
+METRICS.add("ssim", Metric(ssim, True, "structural similarity (scikit-image, data_range 1)"))
+METRICS.add("mse", Metric(mse, False, "mean squared error on [0, 1] images"))
+METRICS.add("avd", Metric(avd, False, "absolute variation distance (c1 = 1, c2 = 0.5)"))
+METRICS.add("lpips", Metric(lpips_distance, False, "LPIPS, AlexNet backbone"))
+DEFAULT_METRICS = ("psnr", "ssim", "mse", "avd", "lpips")
+
+
+def pair(rec: torch.Tensor, gt: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one assignment (Hungarian, on per-pair MSE): indices (rec_idx, gt_idx) of the pairs."""
+    cost = ((rec.detach().flatten(1)[:, None].double() - gt.detach().flatten(1)[None].double()) ** 2).mean(-1)
+    return linear_sum_assignment(cost.cpu().numpy())
+
+
+def label_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> float:
+    """Multiset overlap |ŷ ∩ y| / |y| (order does not matter)."""
+    overlap = Counter(predicted.tolist()) & Counter(true.tolist())
+    return sum(overlap.values()) / max(1, len(true))

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_sim.client import CLIENT_ID_QUERY, scenario_from_context
 from fl_sim.federation import prepare
+from fl_sim.leakage import LeakageRunner
 from fl_sim.observation import Observation
 from fl_sim.scenario import Scenario
 from fl_sim.store import RunStore
@@ -55,7 +56,8 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
     observed = ObservedModel(
         protocol=t.protocol, lr=t.lr, param_names=frozenset(n for n, _ in model.named_parameters()),
         normalization=fed.norm, num_classes=fed.data.num_classes, image_shape=fed.data.shape,
-        optimizer=t.optimizer, batchnorm=t.batchnorm)
+        optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, batchnorm=t.batchnorm)
+    leakage = LeakageRunner(scenario, fed, store)
     record_all = scenario.threat_model.record == "all"
     round_started = [time.perf_counter()]
 
@@ -80,6 +82,7 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
         if local_round == 0:
             return MetricRecord({"test-loss": loss, "test-acc": acc})
         record = strategy.rounds.pop(server_round, RoundRecord(server_round, {}))
+        leakage(server_round, record.observations)
         if on_round_end is not None:
             on_round_end(server_round, record.observations)
         train, ev = record.train_metrics, record.eval_metrics

@@ -31,7 +31,7 @@ from fl_sim.scenario import Scenario, load_scenario
 from fl_sim.secret import SecretLedger
 from fl_sim.strategy import RoundRecord
 
-RESULT_COLUMNS = ["run", "round", "client", "attack", "defense", "metric", "value"]
+RESULT_COLUMNS = ["run", "round", "client", "attack", "defense", "metric", "value", "label_strategy", "note"]
 METRIC_COLUMNS = ["round", "test_loss", "test_acc", "train_loss", "eval_loss", "eval_acc", "clients", "failures",
                   "round_seconds", "record_seconds"]
 
@@ -101,10 +101,20 @@ class RunStore:
     def discard_unfinished(self) -> None:
         """Drop what a killed run wrote for the round it did not finish."""
         last = self.last_round
-        for folder in (self.root / "observations").glob("round-*"):
-            if int(folder.name.split("-")[1]) > last:
-                shutil.rmtree(folder)
+        for parent in ("observations", "reconstructions"):
+            for folder in (self.root / parent).glob("round-*"):
+                if int(folder.name.split("-")[1]) > last:
+                    shutil.rmtree(folder)
+        for grid in (self.root / "grids").glob("round-*.png"):
+            if int(grid.stem.split("-")[1]) > last:
+                grid.unlink()
         self.secrets.discard_after(last)
+        with open(self.root / "results.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        with open(self.root / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, RESULT_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(r for r in rows if int(r["round"]) <= last)
 
     # --- per round ------------------------------------------------------------------------------------
     def record_round(self, record: RoundRecord) -> None:

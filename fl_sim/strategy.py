@@ -91,6 +91,8 @@ class ObservedModel:
     num_classes: int
     image_shape: tuple[int, int, int]
     optimizer: str
+    momentum: float
+    weight_decay: float
     batchnorm: str
 
 
@@ -183,7 +185,8 @@ class CuriousStrategy(Strategy):
         m = self.model
         meta = ProtocolMeta(protocol=m.protocol, num_examples=int(metrics["num-examples"]),
                             batch_size=int(metrics["batch-size"]), local_steps=int(metrics["local-steps"]),
-                            lr=float(metrics["lr"]), optimizer=m.optimizer, batchnorm=m.batchnorm,
+                            lr=float(metrics["lr"]), optimizer=m.optimizer, momentum=m.momentum,
+                            weight_decay=m.weight_decay, batchnorm=m.batchnorm,
                             train_loss=float(metrics["train-loss"]))
         return Observation(server_round=server_round, client=int(metrics["client-id"]),
                            kind="gradient" if m.protocol == "fedsgd" else "weights",

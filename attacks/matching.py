@@ -1,0 +1,33 @@
+"""Gradient distances with per-layer weights; the target's norms are computed once."""
+
+from __future__ import annotations
+
+import torch
+
+
+def layer_weights(n: int, scheme: str) -> list[float]:
+    """uniform: 1 each; linear / exp: decreasing from the first layer to the last (as inversefed)."""
+    if scheme == "linear":
+        return [(n - i) / n for i in range(n)]
+    if scheme == "exp":
+        return [float(torch.exp(torch.tensor(-i / n * 10.0))) for i in range(n)]
+    return [1.0] * n
+
+
+class GradientDistance:
+    """``l2``: Σ_l w_l ‖g'_l − g_l‖²; ``cosine``: 1 − Σ w_l⟨g'_l, g_l⟩ / (√Σ w_l‖g'_l‖² · √Σ w_l‖g_l‖²)."""
+
+    def __init__(self, target: list[torch.Tensor], loss: str, weights: str) -> None:
+        self.target, self.loss = [t.detach() for t in target], loss
+        self.weights = layer_weights(len(target), weights)
+        self.target_norm = torch.sqrt(sum(w * t.pow(2).sum() for w, t in zip(self.weights, self.target, strict=True)))
+
+    def __call__(self, trial: list[torch.Tensor]) -> torch.Tensor:
+        pairs = zip(self.weights, trial, self.target, strict=True)
+        if self.loss == "l2":
+            return sum(w * (g - t).pow(2).sum() for w, g, t in pairs)
+        dot, trial_sq = 0.0, 0.0
+        for w, g, t in pairs:
+            dot = dot + w * (g * t).sum()
+            trial_sq = trial_sq + w * g.pow(2).sum()
+        return 1 - dot / (torch.sqrt(trial_sq) * self.target_norm).clamp_min(1e-30)

@@ -1,0 +1,75 @@
+"""The optimisation loop shared by every gradient-matching recipe."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from attacks.recipe import Recipe
+
+Objective = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+MILESTONES = {"ggi": ((3 / 8, 5 / 8, 7 / 8), 0.1), "afgi": ((2 / 7, 4 / 7, 6 / 7), 0.2)}
+
+
+@dataclass
+class Trial:
+    """One optimisation run: final candidate ``z`` (model-input space), label logits (joint), loss."""
+
+    z: torch.Tensor
+    label_logits: torch.Tensor | None
+    loss: float = math.inf
+    trace: list[float] = field(default_factory=list)
+    iterations: int = 0
+    failure: str | None = None
+
+
+def optimize(objective: Objective, z0: torch.Tensor, logits0: torch.Tensor | None, recipe: Recipe,
+             bounds: tuple[torch.Tensor, torch.Tensor], desc: str = "attack") -> Trial:
+    """Minimise ``objective(z, label_logits)`` from ``z0``; ``bounds`` clip z to valid images."""
+    z = z0.clone().requires_grad_(True)
+    logits = None if logits0 is None else logits0.clone().requires_grad_(True)
+    params = [z] + ([logits] if logits is not None else [])
+    opt: torch.optim.Optimizer = (torch.optim.LBFGS(params, lr=recipe.lr) if recipe.optimizer == "lbfgs"
+                                  else torch.optim.Adam(params, lr=recipe.lr))
+    scheduler = None
+    if recipe.schedule in MILESTONES:
+        fractions, gamma = MILESTONES[recipe.schedule]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=[int(recipe.iterations * f) for f in fractions], gamma=gamma)
+    trial = Trial(z, logits)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = objective(z, logits)
+        loss.backward()
+        if recipe.signed:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.sign_()
+        return loss
+
+    for i in tqdm(range(recipe.iterations), desc=desc, leave=False, disable=None):
+        loss = float(opt.step(closure).detach())
+        trial.iterations = i + 1
+        if not math.isfinite(loss) or not torch.isfinite(z).all():
+            trial.failure = f"loss became {loss} at iteration {i + 1}"
+            break
+        if recipe.clip:
+            with torch.no_grad():
+                z.copy_(torch.maximum(torch.minimum(z, bounds[1]), bounds[0]))
+        trial.trace.append(loss)
+        if scheduler is not None:
+            scheduler.step()
+        if (recipe.early_stop > 0 and len(trial.trace) > recipe.patience
+                and abs(trial.trace[-1] - trial.trace[-1 - recipe.patience]) < recipe.early_stop):
+            break
+    if trial.failure is None:
+        trial.loss = float(objective(z, logits).detach())  # the objective differentiates internally
+        if not math.isfinite(trial.loss):
+            trial.failure = f"final loss is {trial.loss}"
+    trial.z, trial.label_logits = z.detach(), None if logits is None else logits.detach()
+    return trial

@@ -1,0 +1,43 @@
+"""Image priors for gradient matching. Each maps images (B, C, H, W) in [0, 1] to a scalar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Regularizer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """mean |x[..., :, 1:] − x[..., :, :-1]| + mean |x[..., 1:, :] − x[..., :-1, :]| (as inversefed)."""
+    return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+
+
+def channel_mean_prior(prior: Sequence[float]) -> Regularizer:
+    """AFGI R_mean: ‖mean over pixels of each channel − prior‖₂, averaged over the batch."""
+    def term(x: torch.Tensor) -> torch.Tensor:
+        target = torch.tensor(prior, dtype=x.dtype, device=x.device)[: x.shape[1]]
+        return (x.mean(dim=(2, 3)) - target).norm(dim=1).mean()
+
+    return term
+
+
+def sixth_power(x: torch.Tensor) -> torch.Tensor:
+    """Σ x⁶ per image, averaged over the batch."""
+    return x.pow(6).flatten(1).sum(1).mean()
+
+
+def l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖₂ per image, averaged over the batch."""
+    return x.flatten(1).norm(dim=1).mean()
+
+
+def batch_orthogonality(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine similarity between distinct images of the batch (0 for a batch of 1)."""
+    if x.shape[0] < 2:
+        return x.sum() * 0
+    flat = torch.nn.functional.normalize(x.flatten(1), dim=1)
+    gram = flat @ flat.T
+    off = gram - torch.diag_embed(torch.diagonal(gram))
+    return off.pow(2).sum() / (x.shape[0] * (x.shape[0] - 1))

@@ -1,0 +1,117 @@
+"""Leakage: attacks on a round's Observations, scored against the Secrets → tidy rows and grids.
+
+This is the only place where attack output meets the Secret. Attacks receive Observations only;
+an ``oracle`` label strategy gets the true labels through an explicit argument and its rows are
+flagged ``label_strategy = oracle``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from attacks import Attack, Reconstruction, build_attack
+from fl_sim.federation import Federation
+from fl_sim.grids import save_grid
+from fl_sim.observation import Observation
+from fl_sim.scenario import ComponentSpec, Scenario
+from fl_sim.scoring import METRICS, MetricUnavailable, label_accuracy, pair
+from fl_sim.store import RunStore
+
+log = logging.getLogger("fl_sim")
+
+
+@dataclass(frozen=True)
+class NamedAttack:
+    name: str
+    attack: Attack
+    oracle: bool
+
+
+def score(rec: Reconstruction, gt_images: torch.Tensor, gt_labels: torch.Tensor, metrics: list[str]
+          ) -> list[dict[str, Any]]:
+    """Rows (metric, value, note) for one reconstruction; images are paired one-to-one first."""
+    rows: list[dict[str, Any]] = [{"metric": "failed", "value": float(rec.failure is not None),
+                                   "note": rec.failure or ""},
+                                  {"metric": "iterations", "value": rec.iterations, "note": ""},
+                                  {"metric": "seconds", "value": round(rec.seconds, 4), "note": ""}]
+    if rec.labels is not None:
+        rows.append({"metric": "label_acc", "value": label_accuracy(rec.labels, gt_labels), "note": ""})
+    if rec.failure is not None:
+        return rows
+    ri, gi = pair(rec.images, gt_images)
+    rec_p, gt_p = rec.images[ri], gt_images[gi]
+    for name in metrics:
+        try:
+            value, note = float(METRICS.get(name).fn(rec_p, gt_p).mean()), ""
+        except MetricUnavailable as err:
+            value, note = math.nan, f"unavailable: {err}"
+        rows.append({"metric": name, "value": value, "note": note})
+    return rows
+
+
+class LeakageRunner:
+    """Runs the scenario's attacks (or ``specs``) at the end of each round; rows go to results.csv."""
+
+    def __init__(self, scenario: Scenario, fed: Federation, store: RunStore,
+                 specs: list[ComponentSpec] | None = None, defense: str = "none") -> None:
+        self.scenario, self.fed, self.store, self.defense = scenario, fed, store, defense
+        self.attacks = []
+        for spec in scenario.attacks if specs is None else specs:
+            attack = build_attack(spec.name, spec.params)
+            oracle = getattr(getattr(attack, "recipe", None), "labels", "") == "oracle"
+            self.attacks.append(NamedAttack(spec.name, attack, oracle))
+
+    def __call__(self, server_round: int, observations: list[Observation]) -> None:
+        targets = [o for o in observations if self.scenario.attacked(server_round, o.client)]
+        if not targets or not self.attacks:
+            return
+        rows: list[dict[str, Any]] = []
+        for obs in targets:
+            gt_images, gt_labels = self.store.secrets.get(server_round, obs.client).examples(self.fed.data.train)
+            for named in self.attacks:
+                rec = named.attack.reconstruct(obs, self.fed.model(), gt_labels if named.oracle else None)
+                if rec.failure:
+                    log.warning("round %d client %d: %s failed: %s", server_round, obs.client, named.name, rec.failure)
+                self._save(server_round, obs.client, named.name, rec, gt_images)
+                base = {"round": server_round, "client": obs.client, "attack": named.name, "defense": self.defense,
+                        "label_strategy": rec.label_strategy}
+                rows += [base | row for row in score(rec, gt_images, gt_labels, self.scenario.metrics)]
+        self.store.append_results(rows)
+        self.write_grid(server_round)
+
+    def _save(self, server_round: int, client: int, attack: str, rec: Reconstruction, gt: torch.Tensor) -> None:
+        """reconstructions/round-RRRR/<attack>-client-CCCC.safetensors, ordered like the ground truth."""
+        folder = self.store.root / "reconstructions" / f"round-{server_round:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"ground_truth": gt.contiguous()}
+        if rec.failure is None and len(rec.images):
+            ri, gi = pair(rec.images, gt)
+            ordered = torch.zeros_like(gt)
+            ordered[torch.as_tensor(gi)] = rec.images[torch.as_tensor(ri)]
+            tensors["images"] = ordered.contiguous()
+        if rec.labels is not None:
+            tensors["labels"] = rec.labels.contiguous()
+        save_file(tensors, str(folder / f"{attack}-client-{client:04d}.safetensors"))
+
+    def write_grid(self, server_round: int) -> Path | None:
+        """grids/round-RRRR.png from every reconstruction of the round on disk (failed ones left gray)."""
+        folder = self.store.root / "reconstructions" / f"round-{server_round:04d}"
+        files = sorted(folder.glob("*-client-*.safetensors"))
+        if not files:
+            return None
+        loaded = {tuple(f.stem.rsplit("-client-", 1)): load_file(str(f)) for f in files}  # (attack, "CCCC")
+        clients = sorted({c for _, c in loaded})
+        attacks = sorted({a for a, _ in loaded})
+        truth = {c: next(t["ground_truth"] for (_, c2), t in loaded.items() if c2 == c) for c in clients}
+        rows = {a: [loaded.get((a, c), {}).get("images", torch.full_like(truth[c], 0.5)) for c in clients]
+                for a in attacks}
+        out = self.store.root / "grids" / f"round-{server_round:04d}.png"
+        save_grid([torch.cat([truth[c] for c in clients])] + [torch.cat(rows[a]) for a in attacks], out)
+        return out

@@ -1,0 +1,108 @@
+"""Metrics against reference implementations, AVD's properties, LPIPS plumbing, pairing, labels."""
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
+
+from fl_sim.leakage import score
+from fl_sim.scoring import ALEXNET_CHECKPOINT, MetricUnavailable, avd, label_accuracy, lpips_distance, mse, pair, psnr, ssim
+from attacks import Reconstruction
+
+
+@pytest.fixture
+def images():
+    from fl_sim.data.sources import load_dataset
+    from fl_sim.scenario import DataConfig
+
+    data = load_dataset(DataConfig(dataset="cifar10-sample", test_fraction=0.05))
+    return data.train.batch(np.arange(6))[0]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_psnr_ssim_mse_equal_scikit_image(images, channels):
+    gt = images[:, :channels]
+    rec = (gt + 0.08 * torch.randn(gt.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    for i in range(len(gt)):
+        g, r = gt[i].double().numpy(), rec[i].double().numpy()
+        assert psnr(rec, gt)[i] == pytest.approx(peak_signal_noise_ratio(g, r, data_range=1.0))
+        assert ssim(rec, gt)[i] == pytest.approx(structural_similarity(g, r, data_range=1.0, channel_axis=0))
+        assert mse(rec, gt)[i] == pytest.approx(mean_squared_error(g, r))
+
+
+def test_metrics_refuse_images_outside_unit_range(images):
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        psnr(images * 255, images)
+    with pytest.raises(ValueError, match="paired"):
+        ssim(images[:2], images[:3])
+
+
+def _reference_avd(rec: np.ndarray, gt: np.ndarray, c1=1.0, c2=0.5) -> float:
+    """The formula written out independently on one (C, H, W) image."""
+    def maps(v):
+        v = np.round(v * 255) / 255
+        dx, dy = v[:, :, :-1] - v[:, :, 1:], v[:, :-1, :] - v[:, 1:, :]
+        d2x, d2y = dx[:, :, :-1] - dx[:, :, 1:], dy[:, :-1, :] - dy[:, 1:, :]
+        return np.abs(dx[:, 1:, :] + dy[:, :, 1:]), np.abs(d2x[:, 2:, :] + d2y[:, :, 2:])
+
+    (a1, a2), (b1, b2) = maps(np.abs(rec)), maps(gt)
+    return float(np.sqrt(c1 * np.mean((a1 - b1) ** 2) + c2 * np.mean((a2 - b2) ** 2)))
+
+
+def test_avd_is_zero_on_identity_and_grows_with_noise_and_blur(images):
+    import cv2
+
+    assert np.allclose(avd(images, images), 0)
+    gen = torch.Generator().manual_seed(1)
+    noisy = [avd((images + s * torch.randn(images.shape, generator=gen)).clamp(0, 1), images).mean()
+             for s in (0.02, 0.05, 0.1, 0.2)]
+    assert all(a < b for a, b in zip(noisy, noisy[1:]))
+
+    def blur(k):
+        out = [cv2.GaussianBlur(img.permute(1, 2, 0).numpy(), (0, 0), k) for img in images]
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).clamp(0, 1)
+
+    blurred = [avd(blur(k), images).mean() for k in (0.5, 1.0, 2.0)]
+    assert 0 < blurred[0] < blurred[1] < blurred[2]
+    rec = (images + 0.1 * torch.randn(images.shape, generator=gen)).clamp(0, 1)
+    expected = [_reference_avd(r.double().numpy(), g.double().numpy()) for r, g in zip(rec, images)]
+    assert np.allclose(avd(rec, images), expected)
+
+
+def test_lpips_reports_unavailable_without_the_alexnet_checkpoint(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(MetricUnavailable, match=ALEXNET_CHECKPOINT):
+        lpips_distance(images, images)
+    rows = score(Reconstruction(images, None, "idlg"), images, torch.zeros(6), ["psnr", "lpips"])
+    lpips_row = next(r for r in rows if r["metric"] == "lpips")
+    assert np.isnan(lpips_row["value"]) and lpips_row["note"].startswith("unavailable: LPIPS needs")
+
+
+def test_lpips_plumbing_with_a_checkpoint_on_disk(images, tmp_path, monkeypatch):
+    """With *some* AlexNet checkpoint where torchvision keeps it, lpips runs (no download). The weights
+    here are the test's own, so only the plumbing is checked, never a score."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(),
+               tmp_path / "hub" / "checkpoints" / ALEXNET_CHECKPOINT)
+    same = lpips_distance(images, images)
+    other = lpips_distance(images.flip(0), images)
+    assert same.shape == (6,) and np.allclose(same, 0, atol=1e-6) and (other > 0).all()
+    assert lpips_distance(images[:, :1], images[:, :1]).shape == (6,)  # grayscale is repeated to 3 channels
+
+
+def test_pairing_is_one_to_one(images):
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    ri, gi = pair(images[perm], images)
+    assert sorted(gi.tolist()) == list(range(6))
+    assert all(perm[r] == g for r, g in zip(ri, gi))
+    rows = score(Reconstruction(images[perm], None, "idlg"), images, torch.zeros(6), ["psnr"])
+    assert next(r for r in rows if r["metric"] == "psnr")["value"] == np.inf  # perfect once paired
+
+
+def test_label_accuracy_is_a_multiset_overlap():
+    assert label_accuracy(torch.tensor([1, 1, 2]), torch.tensor([2, 1, 1])) == 1.0
+    assert label_accuracy(torch.tensor([1, 1, 1]), torch.tensor([2, 1, 1])) == pytest.approx(2 / 3)
+    assert label_accuracy(torch.tensor([3, 4]), torch.tensor([1, 2])) == 0.0
