@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.base import Reconstruction
+from attacks.cpu import tuned_for
 from attacks.edges import EdgePrior, baseline_point
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelRecoveryError, LabelSignal, last_linear
 from attacks.matching import GradientDistance
-from attacks.optimize import Trial, optimize
+from attacks.optimize import Monitor, Trial, optimize
 from attacks.recipe import Recipe
 from attacks.regularizers import (
     Regularizer,
@@ -34,15 +35,20 @@ from fl_sim.observation import Observation
 class GradientInversion:
     """``reconstruct(observation, model)`` for one recipe (dlg, idlg, ggi, afgi, raf-gi, or custom)."""
 
-    def __init__(self, name: str, recipe: Recipe) -> None:
-        self.name, self.recipe = name, recipe
+    def __init__(self, name: str, recipe: Recipe, monitor: Monitor | None = None) -> None:
+        """``monitor(iteration, images in [0, 1])`` → stop? — a benchmark hook; it cannot change the result."""
+        self.name, self.recipe, self.monitor = name, recipe, monitor
 
     def reconstruct(self, obs: Observation, model: nn.Module,
                     oracle_labels: torch.Tensor | None = None) -> Reconstruction:
+        with tuned_for(model, next(model.parameters()).device):
+            return self._reconstruct(obs, model, oracle_labels)
+
+    def _reconstruct(self, obs: Observation, model: nn.Module, oracle_labels: torch.Tensor | None) -> Reconstruction:
         start, r = time.perf_counter(), self.recipe
         device = next(model.parameters()).device
         try:
-            sim = ClientSimulator(model, obs, device)
+            sim = ClientSimulator(model, obs, device, track_bn=r.bn_stats > 0)
             labels = self._labels(sim, obs, oracle_labels)
         except (UnsupportedObservation, LabelRecoveryError) as err:
             empty = torch.zeros(0, *obs.image_shape)
@@ -69,8 +75,10 @@ class GradientInversion:
             z0 = self._init(sim.num_images, obs, gen).to(device)
             logits0 = (torch.randn(sim.num_images, obs.num_classes, generator=gen).to(device)
                        if r.labels == "joint" else None)
-            trials.append(optimize(objective, z0, logits0, r, bounds, desc=f"{self.name} round {obs.server_round} "
-                                                                            f"client {obs.client}"))
+            watch = None if self.monitor is None else (
+                lambda i, z: self.monitor(i, norm.denormalize(z).clamp(0, 1).cpu()))
+            trials.append(optimize(objective, z0, logits0, r, bounds, monitor=watch,
+                                   desc=f"{self.name} round {obs.server_round} client {obs.client}"))
         good = [t for t in trials if t.failure is None]
         best = min(good, key=lambda t: t.loss) if good else trials[0]
         images = norm.denormalize(best.z).clamp(0, 1).cpu()

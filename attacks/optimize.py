@@ -12,6 +12,7 @@ from tqdm import tqdm
 from attacks.recipe import Recipe
 
 Objective = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+Monitor = Callable[[int, torch.Tensor], bool]  # (iteration, current z) → stop? (benchmarks only)
 MILESTONES = {"ggi": ((3 / 8, 5 / 8, 7 / 8), 0.1), "afgi": ((2 / 7, 4 / 7, 6 / 7), 0.2)}
 
 
@@ -28,8 +29,13 @@ class Trial:
 
 
 def optimize(objective: Objective, z0: torch.Tensor, logits0: torch.Tensor | None, recipe: Recipe,
-             bounds: tuple[torch.Tensor, torch.Tensor], desc: str = "attack") -> Trial:
-    """Minimise ``objective(z, label_logits)`` from ``z0``; ``bounds`` clip z to valid images."""
+             bounds: tuple[torch.Tensor, torch.Tensor], desc: str = "attack", monitor: Monitor | None = None,
+             monitor_every: int = 10) -> Trial:
+    """Minimise ``objective(z, label_logits)`` from ``z0``; ``bounds`` clip z to valid images.
+
+    ``monitor`` (benchmarks' time-to-quality) sees a copy of z every ``monitor_every`` iterations
+    and can only stop the run.
+    """
     z = z0.clone().requires_grad_(True)
     logits = None if logits0 is None else logits0.clone().requires_grad_(True)
     params = [z] + ([logits] if logits is not None else [])
@@ -64,6 +70,8 @@ def optimize(objective: Objective, z0: torch.Tensor, logits0: torch.Tensor | Non
         trial.trace.append(loss)
         if scheduler is not None:
             scheduler.step()
+        if monitor is not None and (i + 1) % monitor_every == 0 and monitor(i + 1, z.detach().clone()):
+            break
         if (recipe.early_stop > 0 and len(trial.trace) > recipe.patience
                 and abs(trial.trace[-1] - trial.trace[-1 - recipe.patience]) < recipe.early_stop):
             break

@@ -29,7 +29,7 @@ class ClientSimulator:
     labels (N,) or class probabilities (N, num_classes).
     """
 
-    def __init__(self, model: nn.Module, obs: Observation, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, obs: Observation, device: torch.device, track_bn: bool = False) -> None:
         meta = obs.meta
         if obs.kind == "weights" and meta.optimizer != "sgd":
             raise UnsupportedObservation(f"FedAvg local training with '{meta.optimizer}' cannot be unrolled; "
@@ -58,9 +58,10 @@ class ClientSimulator:
             self.steps = meta.local_steps
         self._bn_stats: list[torch.Tensor] = []
         self._capture = False
-        for m in self.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.register_forward_pre_hook(self._record_bn)
+        if track_bn:  # only when the BN-statistics prior is used: it costs a mean/var per layer per forward
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.register_forward_pre_hook(self._record_bn)
 
     def _record_bn(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         if self._capture:

@@ -113,5 +113,6 @@ class LeakageRunner:
         rows = {a: [loaded.get((a, c), {}).get("images", torch.full_like(truth[c], 0.5)) for c in clients]
                 for a in attacks}
         out = self.store.root / "grids" / f"round-{server_round:04d}.png"
-        save_grid([torch.cat([truth[c] for c in clients])] + [torch.cat(rows[a]) for a in attacks], out)
+        save_grid([torch.cat([truth[c] for c in clients])] + [torch.cat(rows[a]) for a in attacks], out,
+                  names=["ground truth", *attacks])
         return out

@@ -101,7 +101,7 @@ def _union(data):
 
 
 def test_label_recovery_table_lrb_beats_yin_beats_idlg_where_labels_repeat():
-    from benchmarks.labels import label_table
+    from benchmarks.label_recovery import label_table
 
     table = label_table(batch_sizes=(4, 8), trials=20, train_steps=100)
     for k in (4, 8):
@@ -153,3 +153,22 @@ def test_every_preset_value_can_be_overridden_and_is_checked():
     with pytest.raises(Exception, match="iterationz"):
         build_attack("ggi", {"iterationz": 3})
     assert recipe("raf-gi") == recipe("afgi")  # the same method under its earlier name
+
+
+def test_bn_statistics_prior_is_near_zero_at_matching_statistics(mnist):
+    """Not exactly zero: GradInversion compares the biased batch variance with PyTorch's unbiased running
+    variance, an n/(n−1) residue that matters only on small deep layers."""
+    model = build_model(ModelConfig(name="convnet"), 10, mnist.shape, seed=0)
+    x, y = mnist.train.batch(np.arange(8))
+    z = mnist.normalization.normalize(x)
+    for m in model.modules():  # running statistics := this batch's statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0
+    model.train()
+    model(z)
+    obs, _ = observe(model, mnist.train, [np.arange(8)], fedsgd_plan(batch_size=8), mnist.normalization, 10)
+    sim = ClientSimulator(model, obs, torch.device("cpu"), track_bn=True)
+    sim(z, y)
+    at_truth = float(sim.bn_statistics_loss())
+    sim(torch.randn_like(z), y)
+    assert 20 * at_truth < float(sim.bn_statistics_loss())

@@ -1,7 +1,7 @@
 """Label recovery accuracy (multiset overlap) of idlg / yin / lrb on ResNet-18 with repeated labels.
 
 Batches of K real mnist5k images whose labels repeat (drawn from K/2 classes); FedSGD gradient of a
-ResNet-18 (CIFAR stem). Prints JSON. Usage: uv run python benchmarks/labels.py [--trials 50]
+ResNet-18 (CIFAR stem). Prints JSON. Usage: uv run python benchmarks/label_recovery.py [--trials 50]
 """
 
 import os

@@ -1,0 +1,137 @@
+"""Attacks end to end: published results on real data, inside the federation, offline, failures."""
+
+import csv
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+import attacks.matching
+from attacks import build_attack
+from fl_sim.data.images import Normalization
+from fl_sim.data.sources import load_dataset
+from fl_sim.engines import ENGINES
+from fl_sim.models import build_model
+from fl_sim.observation import Observation
+from fl_sim.scenario import DataConfig, ModelConfig, scenario_from_dict
+from fl_sim.scoring import psnr
+from fl_sim.single_client import fedsgd_plan, observe
+from fl_sim.store import RunStore
+from tests.conftest import tiny
+
+
+def rows_of(store: RunStore) -> list[dict]:
+    with open(store.root / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run(tmp_path, raw, name="run") -> RunStore:
+    scenario = scenario_from_dict(raw)
+    store = RunStore.create(scenario, tmp_path / name)
+    ENGINES.get("inprocess")(scenario, store, None)
+    return store
+
+
+def test_dlg_and_idlg_reach_30_db_median_on_real_cifar10_with_the_dlg_lenet():
+    """Batch 1, the first five real CIFAR-10 images, unnormalised input as in the DLG papers."""
+    data = load_dataset(DataConfig(dataset="cifar10-sample", test_fraction=0.05))
+    norm = Normalization.identity(3)
+    results = {"dlg": [], "idlg": []}
+    for i in range(5):
+        model = build_model(ModelConfig(name="lenet"), 10, (3, 32, 32), seed=i)
+        obs, secret = observe(model, data.train, [np.array([i])], fedsgd_plan(), norm, 10)
+        truth, label = secret.examples(data.train)
+        for name in results:
+            rec = build_attack(name, {"early_stop": 1e-7, "patience": 5}).reconstruct(obs, model)
+            assert rec.failure is None
+            results[name].append(float(psnr(rec.images, truth)[0]))
+            if name == "idlg":
+                assert rec.labels.tolist() == label.tolist()
+    for name, values in results.items():
+        assert statistics.median(values) >= 30, (name, values)
+
+
+def test_attacks_run_inside_the_federation_and_rows_land_in_results(tmp_path):
+    raw = tiny(federation={"rounds": 2}, threat_model={"record": "attacked", "rounds": [2], "clients": "all"},
+               attacks=[{"name": "idlg", "iterations": 3}, {"name": "ggi", "iterations": 4}])
+    raw["training"]["batch_size"] = 1
+    store = run(tmp_path, raw)
+    rows = rows_of(store)
+    assert {r["round"] for r in rows} == {"2"} and {r["attack"] for r in rows} == {"idlg", "ggi"}
+    assert {r["defense"] for r in rows} == {"none"}
+    assert {r["metric"] for r in rows} >= {"psnr", "ssim", "mse", "avd", "lpips", "label_acc", "iterations", "seconds"}
+    clients = {int(r["client"]) for r in rows}
+    assert len(clients) == 2
+    assert (store.root / "grids" / "round-0002.png").exists()
+    assert len(list((store.root / "reconstructions" / "round-0002").glob("*.safetensors"))) == 4
+    label_rows = [r for r in rows if r["metric"] == "label_acc"]
+    assert all(float(r["value"]) == 1.0 for r in label_rows)  # iDLG labels at batch 1 on the LeNet
+
+
+def test_a_diverging_attack_is_recorded_failed_and_the_run_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(attacks.matching.GradientDistance, "__call__",
+                        lambda self, trial: sum(t.sum() for t in trial) * float("nan"))
+    raw = tiny(attacks=[{"name": "ggi", "iterations": 5}])
+    store = run(tmp_path, raw)
+    failed = [r for r in rows_of(store) if r["metric"] == "failed"]
+    assert failed and all(r["value"] == "1.0" and "nan" in r["note"] for r in failed)
+    assert store.state()["last_round"] == 2
+
+
+def test_offline_attack_appends_rows_to_a_finished_run(tmp_path, cli):
+    store = run(tmp_path, tiny(federation={"rounds": 1}))
+    assert rows_of(store) == []
+    code, out, err = cli("attack", store.root, "--attack", "idlg", "--set", "iterations=2")
+    assert code == 0, err
+    rows = rows_of(store)
+    assert {r["attack"] for r in rows} == {"idlg"} and {r["round"] for r in rows} == {"1"}
+    assert "appended idlg rows" in out
+    code, _, err = cli("attack", store.root, "--attack", "ggj")
+    assert code == 2 and "unknown attack 'ggj'" in err and "did you mean 'ggi'" in err
+    code, _, err = cli("attack", store.root, "--attack", "ggi", "--set", "iterations=0")
+    assert code == 2 and "iterations" in err and err.count("\n") == 1
+
+
+def test_oracle_labels_come_from_the_simulation_and_are_flagged(tmp_path):
+    store = run(tmp_path, tiny(federation={"rounds": 1}, attacks=[{"name": "ggi", "labels": "oracle",
+                                                                   "iterations": 2}]))
+    rows = rows_of(store)
+    assert rows and {r["label_strategy"] for r in rows} == {"oracle"}
+
+
+def test_attacks_receive_only_the_observation_and_the_model(tmp_path, monkeypatch):
+    from attacks.gradient_inversion import GradientInversion
+
+    seen = []
+    real = GradientInversion.reconstruct
+
+    def spy(self, observation, model, oracle_labels=None):
+        seen.append((type(observation), isinstance(model, torch.nn.Module), oracle_labels))
+        return real(self, observation, model, oracle_labels)
+
+    monkeypatch.setattr(GradientInversion, "reconstruct", spy)
+    run(tmp_path, tiny(federation={"rounds": 1}, attacks=[{"name": "idlg", "iterations": 1}]))
+    assert seen and all(s == (Observation, True, None) for s in seen)
+
+
+@pytest.mark.parametrize("attack,needle", [
+    ({"name": "ggi", "iterationz": 3}, "scenario key 'attacks.0.iterationz'"),
+    ({"name": "ggi", "lr": -1.0}, "scenario key 'attacks.0.lr'"),
+    ({"name": "afgi"}, "labels = 'lrb' needs the model's last residual block"),
+])
+def test_bad_attack_settings_exit_2_naming_the_key(attack, needle, write_scenario, cli, tmp_path):
+    code, _, err = cli("run", write_scenario(tiny(attacks=[attack])), "--out", tmp_path / "out")
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_gpu_agree():
+    data = load_dataset(DataConfig(dataset="cifar10-sample", test_fraction=0.05))
+    model = build_model(ModelConfig(name="lenet"), 10, (3, 32, 32), seed=0)
+    obs, _ = observe(model, data.train, [np.array([0])], fedsgd_plan(), Normalization.identity(3), 10)
+    attack = build_attack("ggi", {"iterations": 20})
+    cpu = attack.reconstruct(obs, model)
+    gpu = attack.reconstruct(obs, model.cuda())
+    torch.testing.assert_close(cpu.images, gpu.images, atol=1e-3, rtol=1e-3)
