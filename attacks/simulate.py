@@ -3,7 +3,9 @@
 FedSGD: the gradient of the client's loss at the global weights. FedAvg: the local SGD steps
 unrolled (Geiping et al. 2020, §5) — θ_{t+1} = θ_t − lr·(momentum buffer of ∇L(θ_t; batch_t)),
 and the update θ₀ − θ_T is matched against the observed one; Δθ / lr is never treated as a
-gradient when there is more than one step.
+gradient when there is more than one step. The attacker knows the protocol (steps, batch size,
+lr, momentum) but not the client's batch order: it reconstructs N = min(steps · batch, examples)
+images and replays full batches over them in order (wrapping around for local epochs).
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=3)
     parser.add_argument("--budget", type=int, default=300, help="iterations for the AFGI vs GGI comparison")
+    parser.add_argument("--ggi-max", type=int, default=2000, help="iteration cap for GGI's time-to-18 dB")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", nargs="*", default=[], choices=["dlg", "ggi", "compare"])
     args = parser.parse_args()
@@ -79,7 +80,7 @@ def main() -> None:
         out["dlg_lenet_to_40db"] = [time_to_quality("dlg", "lenet", i, 40.0, 300, args.device, False)
                                     for i in range(args.images)]
     if "ggi" not in args.skip:
-        out["ggi_resnet18_to_18db"] = [time_to_quality("ggi", "resnet18", i, 18.0, 2000, args.device, True)
+        out["ggi_resnet18_to_18db"] = [time_to_quality("ggi", "resnet18", i, 18.0, args.ggi_max, args.device, True)
                                        for i in range(args.images)]
     if "compare" not in args.skip:
         out[f"afgi_vs_ggi_resnet18_batch1_{args.budget}_iterations"] = equal_budget(args.images, args.budget,

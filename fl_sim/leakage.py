@@ -76,7 +76,7 @@ class LeakageRunner:
         for obs in targets:
             gt_images, gt_labels = self.store.secrets.get(server_round, obs.client).examples(self.fed.data.train)
             for named in self.attacks:
-                rec = named.attack.reconstruct(obs, self.fed.model(), gt_labels if named.oracle else None)
+                rec = self._reconstruct(named, obs, gt_labels)
                 if rec.failure:
                     log.warning("round %d client %d: %s failed: %s", server_round, obs.client, named.name, rec.failure)
                 self._save(server_round, obs.client, named.name, rec, gt_images)
@@ -85,6 +85,14 @@ class LeakageRunner:
                 rows += [base | row for row in score(rec, gt_images, gt_labels, self.scenario.metrics)]
         self.store.append_results(rows)
         self.write_grid(server_round)
+
+    def _reconstruct(self, named: NamedAttack, obs: Observation, gt_labels: torch.Tensor) -> Reconstruction:
+        """An attack that raises is a failed attack (traceback in run.log), not a failed run."""
+        try:
+            return named.attack.reconstruct(obs, self.fed.model(), gt_labels if named.oracle else None)
+        except Exception as err:  # noqa: BLE001 - any attack bug or resource error
+            log.exception("round %d client %d: %s raised", obs.server_round, obs.client, named.name)
+            return Reconstruction(torch.zeros(0, *obs.image_shape), None, "", failure=f"{type(err).__name__}: {err}")
 
     def _save(self, server_round: int, client: int, attack: str, rec: Reconstruction, gt: torch.Tensor) -> None:
         """reconstructions/round-RRRR/<attack>-client-CCCC.safetensors, ordered like the ground truth."""

@@ -19,8 +19,8 @@ from pydantic import (
 )
 
 from fl_sim.errors import ScenarioError
-from fl_sim.scoring import DEFAULT_METRICS
 from fl_sim.registry import Registry, UnknownNameError
+from fl_sim.scoring import DEFAULT_METRICS
 
 
 class Section(BaseModel):

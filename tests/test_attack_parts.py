@@ -12,7 +12,6 @@ from attacks.optimize import optimize
 from attacks.recipe import PRESETS, recipe
 from attacks.regularizers import batch_orthogonality, channel_mean_prior, l2_norm, sixth_power, total_variation
 from attacks.simulate import ClientSimulator, UnsupportedObservation
-from fl_sim.data.images import Normalization
 from fl_sim.data.sources import load_dataset
 from fl_sim.models import build_model
 from fl_sim.scenario import DataConfig, ModelConfig

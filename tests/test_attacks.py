@@ -79,6 +79,19 @@ def test_a_diverging_attack_is_recorded_failed_and_the_run_goes_on(tmp_path, mon
     assert store.state()["last_round"] == 2
 
 
+def test_an_attack_that_raises_is_recorded_failed_and_the_run_goes_on(tmp_path, monkeypatch):
+    from attacks.gradient_inversion import GradientInversion
+
+    def boom(self, obs, model, oracle_labels=None):
+        raise MemoryError("out of memory in the attack")
+
+    monkeypatch.setattr(GradientInversion, "reconstruct", boom)
+    store = run(tmp_path, tiny(attacks=[{"name": "ggi", "iterations": 2}]))
+    failed = [r for r in rows_of(store) if r["metric"] == "failed"]
+    assert failed and all("MemoryError: out of memory" in r["note"] for r in failed)
+    assert store.state()["last_round"] == 2
+
+
 def test_offline_attack_appends_rows_to_a_finished_run(tmp_path, cli):
     store = run(tmp_path, tiny(federation={"rounds": 1}))
     assert rows_of(store) == []

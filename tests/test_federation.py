@@ -205,8 +205,15 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "run folder:" in proc.stdout
     assert len((out / "metrics.csv").read_text().splitlines()) == 4
     assert (out / "results.csv").read_text().startswith("run,round,client,attack,defense,metric,value")
-    assert len(list(load_observations(out))) == 6
+    assert [(o.server_round, o.client) for o in load_observations(out)] == [(1, 1), (1, 3)]  # the attacked ones
     assert '"status": "finished"' in (out / "run.json").read_text()
+    import csv
+
+    with open(out / "results.csv", newline="") as f:
+        psnr_rows = [r for r in csv.DictReader(f) if r["metric"] == "psnr"]
+    assert [(r["round"], r["client"], r["attack"]) for r in psnr_rows] == [("1", "1", "idlg"), ("1", "3", "idlg")]
+    assert all(float(r["value"]) > 30 for r in psnr_rows)  # iDLG recovers the digits
+    assert (out / "grids" / "round-0001.png").exists()
 
 
 def test_list_shows_components_and_availability(cli):

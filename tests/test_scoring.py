@@ -5,9 +5,19 @@ import pytest
 import torch
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-from fl_sim.leakage import score
-from fl_sim.scoring import ALEXNET_CHECKPOINT, MetricUnavailable, avd, label_accuracy, lpips_distance, mse, pair, psnr, ssim
 from attacks import Reconstruction
+from fl_sim.leakage import score
+from fl_sim.scoring import (
+    ALEXNET_CHECKPOINT,
+    MetricUnavailable,
+    avd,
+    label_accuracy,
+    lpips_distance,
+    mse,
+    pair,
+    psnr,
+    ssim,
+)
 
 
 @pytest.fixture
