@@ -50,15 +50,22 @@ class EdgePrior:
 
     def __init__(self, baseline: torch.Tensor, theta1: float, theta2: float) -> None:
         self.baseline, self.low, self.high = baseline, theta1 * 255, theta2 * 255
+        self._constants: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _constants_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Sobel kernel (1, 1, 3, 3), pixel grid (H, W, 2), baseline) for x's shape, dtype and device."""
+        key = (x.shape[-2:], x.dtype, x.device)
+        if key not in self._constants:
+            h, w = x.shape[-2:]
+            grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).to(x)
+            self._constants[key] = (SOBEL_X.to(x).view(1, 1, 3, 3), grid, self.baseline.to(x))
+        return self._constants[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gray = _gray(x)  # (B, H, W)
-        kx = SOBEL_X.to(x.dtype).to(x.device).view(1, 1, 3, 3)
+        kx, grid, base = self._constants_for(x)
         padded = F.pad(gray[:, None], (1, 1, 1, 1), mode="replicate")
         magnitude = torch.sqrt(F.conv2d(padded, kx) ** 2 + F.conv2d(padded, kx.transpose(2, 3)) ** 2 + 1e-12)[:, 0]
-        h, w = gray.shape[-2:]
-        grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).to(x)
-        base = self.baseline.to(x)
         terms = []
         for b in range(x.shape[0]):
             u8 = np.clip(np.rint(gray[b].detach().cpu().numpy() * 255), 0, 255).astype(np.uint8)

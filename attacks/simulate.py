@@ -48,6 +48,9 @@ class ClientSimulator:
             p.requires_grad_(False)
         self.names = [n for n, _ in self.model.named_parameters()]
         self.params0 = {n: p.detach() for n, p in self.model.named_parameters()}
+        # leaves we differentiate with respect to; autograd.grad never accumulates into them, so
+        # one set serves every call (no per-iteration copy of the weights)
+        self.theta = {n: p.clone().requires_grad_(True) for n, p in self.params0.items()}
         self.buffers = {n: b for n, b in self.model.named_buffers()}
         self.kind, self.meta, self.device = obs.kind, meta, device
         update = {k: v.to(device) for k, v in obs.update.items()}
@@ -82,7 +85,7 @@ class ClientSimulator:
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         self._bn_stats, self._capture = [], True
-        theta = {n: p.clone().requires_grad_(True) for n, p in self.params0.items()}
+        theta = self.theta
         if self.kind == "gradient":
             loss = self._loss(theta, z, y)
             self._capture = False
