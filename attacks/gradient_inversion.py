@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +31,11 @@ from attacks.regularizers import (
 )
 from attacks.simulate import ClientSimulator, UnsupportedObservation
 from fl_sim.observation import Observation
+
+
+def start_seed(seed: int, restart: int, obs: Observation) -> int:
+    """Each (round, client, restart) gets its own random start, reproducible from the recipe seed."""
+    return int(np.random.SeedSequence([seed, restart, obs.server_round, obs.client]).generate_state(1)[0])
 
 
 class GradientInversion:
@@ -71,7 +77,7 @@ class GradientInversion:
 
         trials: list[Trial] = []
         for k in range(r.restarts):
-            gen = torch.Generator().manual_seed(r.seed + k)
+            gen = torch.Generator().manual_seed(start_seed(r.seed, k, obs))
             z0 = self._init(sim.num_images, obs, gen).to(device)
             logits0 = (torch.randn(sim.num_images, obs.num_classes, generator=gen).to(device)
                        if r.labels == "joint" else None)
