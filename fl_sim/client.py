@@ -39,7 +39,7 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
         plan = LocalTraining.from_record(config)
         model = fed.model()
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        batches = fed.batches(client, server_round)
+        batches = fed.batches(client, server_round, plan)
         torch.manual_seed(int(np.random.SeedSequence([fed.scenario.seed, client, server_round]).generate_state(1)[0]))
         update, loss = local_update(model, fed.data.train, batches, plan, fed.norm, fed.device)
         used = sum(len(b) for b in batches)

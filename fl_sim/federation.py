@@ -15,6 +15,7 @@ from fl_sim.data.sources import load_dataset
 from fl_sim.errors import ScenarioError, UserInputError
 from fl_sim.models import build_model
 from fl_sim.scenario import Scenario
+from fl_sim.training import LocalTraining
 
 
 @dataclass
@@ -31,10 +32,10 @@ class Federation:
         """A fresh copy of the round-0 global model on the scenario's device."""
         return copy.deepcopy(self.template).to(self.device)
 
-    def batches(self, client: int, server_round: int) -> list[np.ndarray]:
-        t = self.scenario.training
+    def batches(self, client: int, server_round: int, plan: LocalTraining) -> list[np.ndarray]:
+        """The client's batches this round, as the server's training instruction ``plan`` asks."""
         return round_batches(self.shards[client], seed=self.scenario.seed, client=client, server_round=server_round,
-                             batch_size=t.batch_size, local_steps=t.local_steps, local_epochs=t.local_epochs)
+                             batch_size=plan.batch_size, local_steps=plan.local_steps, local_epochs=plan.local_epochs)
 
 
 _CACHE: dict[str, Federation] = {}

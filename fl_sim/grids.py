@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
+from fl_sim.atomic import atomic_path
+
 
 def save_grid(rows: list[torch.Tensor], path: Path, names: list[str] | None = None, min_side: int = 64) -> None:
     """``rows``: equal-length (N, C, H, W) batches in [0, 1], one per name; small images are upscaled."""
@@ -22,9 +24,8 @@ def save_grid(rows: list[torch.Tensor], path: Path, names: list[str] | None = No
     if names:
         picture = _with_row_names(picture, names, images.shape[-2] + 2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    picture.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        picture.save(tmp)
 
 
 def _with_row_names(picture: Image.Image, names: list[str], row_height: int) -> Image.Image:

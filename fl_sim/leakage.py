@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from attacks import Attack, Reconstruction, build_attack
+from fl_sim.atomic import save_tensors
 from fl_sim.federation import Federation
 from fl_sim.grids import save_grid
 from fl_sim.observation import Observation
@@ -34,8 +36,11 @@ class NamedAttack:
     oracle: bool
 
 
-def score(rec: Reconstruction, gt_images: torch.Tensor, gt_labels: torch.Tensor, metrics: list[str]
-          ) -> list[dict[str, Any]]:
+Pairing = tuple[np.ndarray, np.ndarray]  # (reconstruction indices, ground-truth indices)
+
+
+def score(rec: Reconstruction, gt_images: torch.Tensor, gt_labels: torch.Tensor, metrics: list[str],
+          pairing: Pairing | None = None) -> list[dict[str, Any]]:
     """Rows (metric, value, note) for one reconstruction; images are paired one-to-one first."""
     rows: list[dict[str, Any]] = [{"metric": "failed", "value": float(rec.failure is not None),
                                    "note": rec.failure or ""},
@@ -45,7 +50,7 @@ def score(rec: Reconstruction, gt_images: torch.Tensor, gt_labels: torch.Tensor,
         rows.append({"metric": "label_acc", "value": label_accuracy(rec.labels, gt_labels), "note": ""})
     if rec.failure is not None:
         return rows
-    ri, gi = pair(rec.images, gt_images)
+    ri, gi = pairing if pairing is not None else pair(rec.images, gt_images)
     rec_p, gt_p = rec.images[ri], gt_images[gi]
     for name in metrics:
         try:
@@ -79,10 +84,11 @@ class LeakageRunner:
                 rec = self._reconstruct(named, obs, gt_labels)
                 if rec.failure:
                     log.warning("round %d client %d: %s failed: %s", server_round, obs.client, named.name, rec.failure)
-                self._save(server_round, obs.client, named.name, rec, gt_images)
+                pairing = pair(rec.images, gt_images) if rec.failure is None and len(rec.images) else None
+                self._save(server_round, obs.client, named.name, rec, gt_images, pairing)
                 base = {"round": server_round, "client": obs.client, "attack": named.name, "defense": self.defense,
                         "label_strategy": rec.label_strategy}
-                rows += [base | row for row in score(rec, gt_images, gt_labels, self.scenario.metrics)]
+                rows += [base | row for row in score(rec, gt_images, gt_labels, self.scenario.metrics, pairing)]
         self.store.append_results(rows)
         self.write_grid(server_round)
 
@@ -94,19 +100,20 @@ class LeakageRunner:
             log.exception("round %d client %d: %s raised", obs.server_round, obs.client, named.name)
             return Reconstruction(torch.zeros(0, *obs.image_shape), None, "", failure=f"{type(err).__name__}: {err}")
 
-    def _save(self, server_round: int, client: int, attack: str, rec: Reconstruction, gt: torch.Tensor) -> None:
+    def _save(self, server_round: int, client: int, attack: str, rec: Reconstruction, gt: torch.Tensor,
+              pairing: Pairing | None) -> None:
         """reconstructions/round-RRRR/<attack>-client-CCCC.safetensors, ordered like the ground truth."""
         folder = self.store.root / "reconstructions" / f"round-{server_round:04d}"
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"ground_truth": gt.contiguous()}
-        if rec.failure is None and len(rec.images):
-            ri, gi = pair(rec.images, gt)
+        tensors = {"ground_truth": gt}
+        if pairing is not None:
+            ri, gi = pairing
             ordered = torch.zeros_like(gt)
             ordered[torch.as_tensor(gi)] = rec.images[torch.as_tensor(ri)]
-            tensors["images"] = ordered.contiguous()
+            tensors["images"] = ordered
         if rec.labels is not None:
-            tensors["labels"] = rec.labels.contiguous()
-        save_file(tensors, str(folder / f"{attack}-client-{client:04d}.safetensors"))
+            tensors["labels"] = rec.labels
+        save_tensors(tensors, folder / f"{attack}-client-{client:04d}.safetensors")
 
     def write_grid(self, server_round: int) -> Path | None:
         """grids/round-RRRR.png from every reconstruction of the round on disk (failed ones left gray)."""

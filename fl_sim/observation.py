@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from fl_sim.atomic import save_tensors, write_text
 from fl_sim.data.images import Normalization
 
 UpdateKind = Literal["gradient", "weights"]
@@ -65,7 +66,7 @@ def round_dir(root: Path, server_round: int) -> Path:
 def save_global_state(root: Path, server_round: int, state: dict[str, torch.Tensor]) -> None:
     folder = round_dir(root, server_round)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_safetensors(state, folder / "global.safetensors")
+    save_tensors(state, folder / "global.safetensors")
 
 
 def save_observation(root: Path, obs: Observation) -> None:
@@ -73,13 +74,11 @@ def save_observation(root: Path, obs: Observation) -> None:
     folder = round_dir(root, obs.server_round)
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"client-{obs.client:04d}"
-    _atomic_safetensors(obs.update, stem.with_suffix(".safetensors"))
+    save_tensors(obs.update, stem.with_suffix(".safetensors"))
     info = {"server_round": obs.server_round, "client": obs.client, "kind": obs.kind, "meta": asdict(obs.meta),
             "normalization": asdict(obs.normalization), "num_classes": obs.num_classes,
             "image_shape": list(obs.image_shape), "extras": obs.extras}
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(stem.with_suffix(".json"))
+    write_text(stem.with_suffix(".json"), json.dumps(info, indent=1))
 
 
 def load_observations(root: Path, rounds: set[int] | None = None, clients: set[int] | None = None
@@ -104,8 +103,3 @@ def load_observations(root: Path, rounds: set[int] | None = None, clients: set[i
                 normalization=Normalization(**{k: tuple(v) for k, v in info["normalization"].items()}),
                 num_classes=info["num_classes"], image_shape=tuple(info["image_shape"]), extras=info["extras"])
 
-
-def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
+from fl_sim.atomic import write_text
 from fl_sim.data.images import ImageSet
 
 SECRET_RECORD = "fl-sim.secret"
@@ -57,9 +58,7 @@ class SecretLedger:
         path = self._file(secret.server_round)
         entries = json.loads(path.read_text()) if path.exists() else {}
         entries[str(secret.client)] = [b.tolist() for b in secret.batches]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entries))
-        tmp.replace(path)
+        write_text(path, json.dumps(entries))
 
     def get(self, server_round: int, client: int) -> Secret:
         entries = json.loads(self._file(server_round).read_text())

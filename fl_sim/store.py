@@ -23,8 +23,9 @@ from typing import Any
 
 import tomli_w
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from fl_sim.atomic import save_tensors, write_text
 from fl_sim.errors import UserInputError
 from fl_sim.observation import save_global_state, save_observation
 from fl_sim.scenario import Scenario, load_scenario
@@ -79,9 +80,7 @@ class RunStore:
         return json.loads((self.root / "run.json").read_text())
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        tmp = self.root / "run.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.root / "run.json")
+        write_text(self.root / "run.json", json.dumps(state, indent=1))
 
     def update_state(self, **changes: Any) -> None:
         self._write_state(self.state() | changes)
@@ -130,9 +129,7 @@ class RunStore:
 
     def finish_round(self, server_round: int, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
         """Checkpoint + metrics row + last_round: after this the round survives a crash."""
-        tmp = self.root / "checkpoint.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(self.root / "checkpoint.safetensors")
+        save_tensors(state, self.root / "checkpoint.safetensors")
         with open(self.root / "metrics.csv", "a", newline="") as f:
             csv.DictWriter(f, METRIC_COLUMNS).writerow({"round": server_round} | metrics)
         self.update_state(last_round=server_round)
