@@ -65,7 +65,7 @@ def run(scenario: Path | None, overrides: tuple[str, ...], out: Path | None, eng
     if resume is not None:
         if scenario is not None or overrides or out is not None:
             raise UserInputError("--resume takes the scenario from the run folder: drop SCENARIO, --set and --out")
-        store = RunStore.open(resume)
+        store = RunStore.open(resume, "--resume")
         loaded = store.scenario()
         if store.last_round >= loaded.federation.rounds:
             click.echo(f"{resume}: all {loaded.federation.rounds} rounds are finished; nothing to resume")
@@ -92,6 +92,8 @@ def execute(scenario: Scenario, store: RunStore, engine: Engine) -> None:
     """Run ``engine`` with a round progress bar; record how the run ended in run.json."""
     from tqdm import tqdm
 
+    from fl_sim.report import report_after_run
+
     rounds = scenario.federation.rounds
     with tqdm(total=rounds, initial=store.last_round, desc=f"{scenario.name} rounds", unit="round",
               file=sys.stderr, leave=True) as bar:
@@ -101,15 +103,18 @@ def execute(scenario: Scenario, store: RunStore, engine: Engine) -> None:
         try:
             engine(scenario, store, progress)
         except KeyboardInterrupt:
-            store.update_state(status="interrupted")
+            store.end("interrupted")
+            report_after_run(store.root)
             click.echo(f"\ninterrupted: rounds 1..{store.last_round} are kept; continue with "
                        f"fl-sim run --resume {store.root}", err=True)
             raise SystemExit(130) from None
         except Exception:
-            store.update_state(status="failed")
+            store.end("failed")
             log.exception("run failed")
             raise
-    store.update_state(status="finished" if store.last_round >= rounds else "incomplete")
+    store.end("finished" if store.last_round >= rounds else "incomplete")
+    if (report := report_after_run(store.root)) is not None:
+        click.echo(f"report: {report}")
 
 
 @cli.command()
@@ -157,6 +162,26 @@ def attack(run_dir: Path, attack_name: str, overrides: tuple[str, ...], verbose:
         for server_round in rounds:
             runner(server_round, list(load_observations(store.root, rounds={server_round})))
     click.echo(f"appended {attack_name} rows for rounds {rounds[0]}..{rounds[-1]} to {store.root / 'results.csv'}")
+    from fl_sim.report import report_after_run
+
+    if (report := report_after_run(store.root)) is not None:
+        click.echo(f"report: {report}")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Report folder (default: the run folder for one run, report-<time> beside the first for several).")
+@click.option("--recovered", default="ssim>=0.5", show_default=True, metavar="METRIC>=VALUE",
+              help="When a reconstruction counts as recognisably recovered (also METRIC<=VALUE, e.g. avd<=0.3).")
+def report(run_dirs: tuple[Path, ...], out: Path | None, recovered: str) -> None:
+    """Build report.html + report.md for one run, or several runs side by side."""
+    from fl_sim.report import RecoveryRule, build_report
+
+    rule = RecoveryRule.parse(recovered)
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserInputError(f"--out '{out}' is a file; give a folder")
+    click.echo(f"report: {build_report(list(run_dirs), out, rule)}")
 
 
 @cli.command(name="list")

@@ -1,4 +1,4 @@
-"""Per-round PNG grids: ground truth in the first row, then one row per attack."""
+"""Image grids: ground truth in the first row, then one row per attack."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 from torchvision.utils import make_grid
 
-from fl_sim.atomic import atomic_path
 
-
-def save_grid(rows: list[torch.Tensor], path: Path, names: list[str] | None = None, min_side: int = 64) -> None:
-    """``rows``: equal-length (N, C, H, W) batches in [0, 1], one per name; small images are upscaled."""
+def grid_image(rows: list[torch.Tensor], names: list[str] | None = None, min_side: int = 64) -> Image.Image:
+    """Rows of equal-length (N, C, H, W) [0, 1] batches as one RGB picture, row names on the left."""
     n = rows[0].shape[0]
     images = torch.cat([r.expand(-1, 3, -1, -1) if r.shape[1] == 1 else r for r in rows])
     scale = max(1, -(-min_side // images.shape[-1]))
@@ -21,11 +20,27 @@ def save_grid(rows: list[torch.Tensor], path: Path, names: list[str] | None = No
         images = F.interpolate(images, scale_factor=scale, mode="nearest")
     grid = make_grid(images.clamp(0, 1), nrow=n, padding=2, pad_value=1.0)
     picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-    if names:
-        picture = _with_row_names(picture, names, images.shape[-2] + 2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        picture.save(tmp)
+    return _with_row_names(picture, names, images.shape[-2] + 2) if names else picture
+
+
+def load_round(folder: Path) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
+    """(attack, client) → {ground_truth, images?, labels?} from reconstructions/round-RRRR/."""
+    return {(f.stem.rsplit("-client-", 1)[0], int(f.stem.rsplit("-client-", 1)[1])): load_file(str(f))
+            for f in sorted(Path(folder).glob("*-client-*.safetensors"))}
+
+
+def round_grid(folder: Path) -> Image.Image | None:
+    """Ground truth of every attacked client in the first row, then one row per attack (failed: gray)."""
+    loaded = load_round(folder)
+    if not loaded:
+        return None
+    clients = sorted({c for _, c in loaded})
+    attacks = sorted({a for a, _ in loaded})
+    truth = {c: next(t["ground_truth"] for (_, c2), t in loaded.items() if c2 == c) for c in clients}
+    rows = [torch.cat([truth[c] for c in clients])]
+    rows += [torch.cat([loaded.get((a, c), {}).get("images", torch.full_like(truth[c], 0.5)) for c in clients])
+             for a in attacks]
+    return grid_image(rows, names=["ground truth", *attacks])
 
 
 def _with_row_names(picture: Image.Image, names: list[str], row_height: int) -> Image.Image:

@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from attacks import Attack, Reconstruction, build_attack
-from fl_sim.atomic import save_tensors
+from fl_sim.atomic import atomic_path, save_tensors
 from fl_sim.federation import Federation
-from fl_sim.grids import save_grid
+from fl_sim.grids import round_grid
 from fl_sim.observation import Observation
 from fl_sim.scenario import ComponentSpec, Scenario
 from fl_sim.scoring import METRICS, MetricUnavailable, label_accuracy, pair
@@ -117,17 +116,11 @@ class LeakageRunner:
 
     def write_grid(self, server_round: int) -> Path | None:
         """grids/round-RRRR.png from every reconstruction of the round on disk (failed ones left gray)."""
-        folder = self.store.root / "reconstructions" / f"round-{server_round:04d}"
-        files = sorted(folder.glob("*-client-*.safetensors"))
-        if not files:
+        picture = round_grid(self.store.root / "reconstructions" / f"round-{server_round:04d}")
+        if picture is None:
             return None
-        loaded = {tuple(f.stem.rsplit("-client-", 1)): load_file(str(f)) for f in files}  # (attack, "CCCC")
-        clients = sorted({c for _, c in loaded})
-        attacks = sorted({a for a, _ in loaded})
-        truth = {c: next(t["ground_truth"] for (_, c2), t in loaded.items() if c2 == c) for c in clients}
-        rows = {a: [loaded.get((a, c), {}).get("images", torch.full_like(truth[c], 0.5)) for c in clients]
-                for a in attacks}
         out = self.store.root / "grids" / f"round-{server_round:04d}.png"
-        save_grid([torch.cat([truth[c] for c in clients])] + [torch.cat(rows[a]) for a in attacks], out,
-                  names=["ground truth", *attacks])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            picture.save(tmp)
         return out

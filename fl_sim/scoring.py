@@ -33,6 +33,7 @@ class Metric:
     fn: Callable[[torch.Tensor, torch.Tensor], np.ndarray]
     higher_is_better: bool
     description: str
+    label: str  # axis / column label with unit
 
 
 METRICS: Registry[Metric] = Registry("metric")
@@ -115,11 +116,11 @@ def lpips_distance(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
     return values.flatten().double().numpy()
 
 
-METRICS.add("psnr", Metric(psnr, True, "peak signal-to-noise ratio, dB (scikit-image, data_range 1)"))
-METRICS.add("ssim", Metric(ssim, True, "structural similarity (scikit-image, data_range 1)"))
-METRICS.add("mse", Metric(mse, False, "mean squared error on [0, 1] images"))
-METRICS.add("avd", Metric(avd, False, "absolute variation distance (c1 = 1, c2 = 0.5)"))
-METRICS.add("lpips", Metric(lpips_distance, False, "LPIPS, AlexNet backbone"))
+METRICS.add("psnr", Metric(psnr, True, "peak signal-to-noise ratio, dB (scikit-image, data_range 1)", "PSNR (dB)"))
+METRICS.add("ssim", Metric(ssim, True, "structural similarity (scikit-image, data_range 1)", "SSIM"))
+METRICS.add("mse", Metric(mse, False, "mean squared error on [0, 1] images", "MSE"))
+METRICS.add("avd", Metric(avd, False, "absolute variation distance (c1 = 1, c2 = 0.5)", "AVD"))
+METRICS.add("lpips", Metric(lpips_distance, False, "LPIPS, AlexNet backbone", "LPIPS"))
 DEFAULT_METRICS = ("psnr", "ssim", "mse", "avd", "lpips")
 
 

@@ -16,6 +16,7 @@ from fl_sim.client import CLIENT_ID_QUERY, scenario_from_context
 from fl_sim.federation import prepare
 from fl_sim.leakage import LeakageRunner
 from fl_sim.observation import Observation
+from fl_sim.report import report_after_run
 from fl_sim.scenario import Scenario
 from fl_sim.store import RunStore
 from fl_sim.strategy import CuriousStrategy, ObservedModel, RoundRecord
@@ -117,7 +118,8 @@ def build_server_app(scenario: Scenario | None = None, store: RunStore | None = 
             out = context.run_config.get("out")
             run_store = RunStore.create(run_scenario, Path(str(out)) if out else None)
         run_federation(grid, run_scenario, run_store, progress=progress)
-        run_store.update_state(status="finished")
+        run_store.end("finished")
+        report_after_run(run_store.root)
 
     return app
 

@@ -2,13 +2,14 @@
 
 runs/<scenario>-<time>/
   scenario.toml      the resolved scenario (what --resume reloads)
-  run.json           status, timings, last finished round
+  run.json           status, start / end time, last finished round
   metrics.csv        per round: test accuracy/loss, train loss, client evaluation, timings
   results.csv        tidy leakage rows: run, round, client, attack, defense, metric, value
   observations/      round-RRRR/global.safetensors + client-CCCC.{safetensors,json}
   secrets/           round-RRRR.json (simulation-only ground truth for scoring)
   checkpoint.safetensors  global model after the last finished round
   run.log
+  report.html, report.md, ...   written by fl_sim.report when the run ends
 """
 
 from __future__ import annotations
@@ -62,14 +63,15 @@ class RunStore:
                 csv.writer(f).writerow(columns)
         store._write_state({"name": root.name, "status": "running", "last_round": 0,
                             "rounds": scenario.federation.rounds,
-                            "started": datetime.now().isoformat(timespec="seconds")})
+                            "started": datetime.now().isoformat(timespec="milliseconds")})
         return store
 
     @classmethod
-    def open(cls, root: Path) -> RunStore:
+    def open(cls, root: Path, arg: str = "RUN_DIR") -> RunStore:
+        """An existing run folder; ``arg`` names the command-line argument in the error."""
         root = Path(root)
         if not (root / "run.json").is_file() or not (root / "scenario.toml").is_file():
-            raise UserInputError(f"--resume '{root}' is not an fl-sim run folder (no run.json / scenario.toml)")
+            raise UserInputError(f"{arg} '{root}' is not an fl-sim run folder (no run.json / scenario.toml)")
         return cls(root)
 
     def scenario(self) -> Scenario:
@@ -84,6 +86,10 @@ class RunStore:
 
     def update_state(self, **changes: Any) -> None:
         self._write_state(self.state() | changes)
+
+    def end(self, status: str) -> None:
+        """Record how the run ended (finished / incomplete / interrupted / failed) and when."""
+        self.update_state(status=status, ended=datetime.now().isoformat(timespec="milliseconds"))
 
     @property
     def name(self) -> str:

@@ -1,0 +1,71 @@
+"""A run folder as the report reads it: scenario, state, per-round metrics and tidy leakage rows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fl_sim.scenario import Scenario, load_scenario
+from fl_sim.store import METRIC_COLUMNS, RESULT_COLUMNS, RunStore
+
+
+@dataclass(frozen=True)
+class RunData:
+    root: Path
+    name: str
+    scenario: Scenario
+    state: dict[str, Any]
+    metrics: pd.DataFrame  # one row per finished round (METRIC_COLUMNS)
+    results: pd.DataFrame  # tidy leakage rows of finished rounds (RESULT_COLUMNS, value numeric)
+
+    @property
+    def last_round(self) -> int:
+        return int(self.state.get("last_round", 0))
+
+    @property
+    def rounds(self) -> int:
+        return int(self.state.get("rounds", self.scenario.federation.rounds))
+
+    @property
+    def partial(self) -> bool:
+        return self.last_round < self.rounds
+
+    def duration_seconds(self) -> float | None:
+        """Wall time from run.json's start to its end (or last update for an unfinished run)."""
+        start, end = self.state.get("started"), self.state.get("ended")
+        if not start or not end:
+            return None
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def load_run(root: Path) -> RunData:
+    """Read a run folder, finished or not; rows of a round that did not finish are left out."""
+    root = RunStore.open(root).root
+    state = json.loads((root / "run.json").read_text())
+    last = int(state.get("last_round", 0))
+    metrics = _read_csv(root / "metrics.csv", METRIC_COLUMNS)
+    metrics = metrics[metrics["round"] <= last].sort_values("round").reset_index(drop=True)
+    results = _read_csv(root / "results.csv", RESULT_COLUMNS)
+    results = results[results["round"] <= last].reset_index(drop=True)
+    results["run"] = root.name
+    results["value"] = pd.to_numeric(results["value"], errors="coerce")
+    for column in ("note", "label_strategy", "defense"):
+        results[column] = results[column].fillna("").astype(str)
+    return RunData(root, root.name, load_scenario(root / "scenario.toml"), state, metrics, results)
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    """A CSV the store wrote (possibly by an older version with fewer columns), or an empty frame."""
+    frame = pd.read_csv(path) if path.is_file() and path.stat().st_size else pd.DataFrame(columns=columns)
+    for column in columns:
+        if column not in frame:
+            frame[column] = pd.NA
+    frame["round"] = pd.to_numeric(frame["round"], errors="coerce").fillna(0).astype(int)
+    if "client" in frame:
+        frame["client"] = pd.to_numeric(frame["client"], errors="coerce").fillna(-1).astype(int)
+    return frame[columns]

@@ -1,0 +1,139 @@
+"""Queries over tidy leakage rows: one row per reconstruction, per-round statistics, the headline.
+
+A *reconstruction* is one attack on one client in one round (a whole batch, scored as the mean over
+its one-to-one paired images). Rows of every table carry the run name, so several runs stack.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+
+import pandas as pd
+
+from fl_sim.errors import UserInputError
+from fl_sim.scoring import METRICS
+
+KEYS = ["run", "round", "client", "attack"]
+SCORES = ["psnr", "ssim", "lpips", "avd", "mse", "label_acc"]  # report order; label_acc is not an image metric
+
+
+def label(score: str) -> str:
+    """Axis / column label with unit."""
+    return "label accuracy" if score == "label_acc" else METRICS.get(score).label
+
+
+def higher_is_better(score: str) -> bool:
+    return score == "label_acc" or METRICS.get(score).higher_is_better
+
+
+def fmt(score: str, value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if score == "mse":
+        return f"{value:.2e}"
+    return f"{value:.2f}" if score in ("psnr", "seconds") else f"{value:.3f}"
+
+
+@dataclass(frozen=True)
+class RecoveryRule:
+    """When a reconstruction counts as recognisably recovered, e.g. ``ssim>=0.5``."""
+
+    metric: str
+    op: str  # ">=" or "<="
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> RecoveryRule:
+        match = re.fullmatch(r"\s*([a-z_]+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", text)
+        if not match or match.group(1) not in SCORES:
+            raise UserInputError(f"--recovered '{text}': expected METRIC>=VALUE or METRIC<=VALUE with METRIC one of: "
+                                 f"{', '.join(SCORES)}")
+        return cls(match.group(1), match.group(2), float(match.group(3)))
+
+    def __str__(self) -> str:
+        return f"{label(self.metric)} {'≥' if self.op == '>=' else '≤'} {self.value:g}"
+
+    def holds(self, values: pd.Series) -> pd.Series:
+        return {">=": operator.ge, "<=": operator.le}[self.op](values, self.value).fillna(False)
+
+
+DEFAULT_RULE = RecoveryRule("ssim", ">=", 0.5)
+DEFAULT_RULE_WHY = (
+    "SSIM is bounded (1 = identical, about 0 = unrelated), comparable across datasets and image sizes (PSNR and MSE "
+    "depend on the image content), and computed offline (LPIPS needs AlexNet weights); at 0.5 the object's edges and "
+    "layout are visibly preserved. A failed attack counts as not recovered. Change the rule with "
+    "fl-sim report --recovered, e.g. 'psnr>=20' or 'avd<=0.3'.")
+
+
+def reconstructions(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, round, client, attack): a column per score, ``failed`` (bool) and ``failure`` (reason)."""
+    if results.empty:
+        return pd.DataFrame(columns=[*KEYS, "failed", "failure", *SCORES])
+    wide = results.groupby([*KEYS, "metric"])["value"].mean().unstack("metric").reset_index()
+    notes = results[results["metric"] == "failed"].groupby(KEYS)["note"].first()
+    wide["failure"] = [notes.get(tuple(k), "") for k in wide[KEYS].itertuples(index=False)]
+    wide["failed"] = wide.get("failed", 0).fillna(0).astype(float) > 0
+    for score in SCORES:
+        if score not in wide:
+            wide[score] = math.nan
+    return wide.sort_values(KEYS).reset_index(drop=True)
+
+
+def unavailable(results: pd.DataFrame) -> dict[str, str]:
+    """score → the reason it could not be computed (first ``unavailable: ...`` note)."""
+    notes = results[results["note"].str.startswith("unavailable:")]
+    return {m: n.removeprefix("unavailable:").strip() for m, n in notes.groupby("metric")["note"].first().items()}
+
+
+def scored(recs: pd.DataFrame) -> list[str]:
+    """Scores with at least one value, in report order."""
+    return [s for s in SCORES if s in recs and recs[s].notna().any()]
+
+
+def by_round(recs: pd.DataFrame) -> pd.DataFrame:
+    """Per (run, attack, round, score): mean, std, min, max over the attacked clients, n scored, failed count."""
+    frames = []
+    for score in scored(recs):
+        grouped = recs.groupby(["run", "attack", "round"])
+        stats = grouped[score].agg(["mean", "std", "min", "max", "count"]).rename(columns={"count": "n"})
+        stats["failed"] = grouped["failed"].sum()
+        frames.append(stats.reset_index().assign(score=score))
+    columns = ["run", "attack", "round", "score", "mean", "std", "min", "max", "n", "failed"]
+    return pd.concat(frames)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def rank_score(recs: pd.DataFrame, rule: RecoveryRule) -> str | None:
+    """The score that orders reconstructions best → worst: the rule's, else the first scored image metric."""
+    available = [s for s in scored(recs) if s != "label_acc"]
+    return rule.metric if rule.metric in scored(recs) else (available[0] if available else None)
+
+
+def cases(recs: pd.DataFrame, rank: str) -> pd.DataFrame:
+    """Per (run, attack): the best, median and worst scored reconstruction by ``rank`` (column ``case``)."""
+    picked = []
+    for _, group in recs[recs[rank].notna()].groupby(["run", "attack"]):
+        ordered = group.sort_values(rank, ascending=not higher_is_better(rank), kind="stable")
+        for case, index in (("best", 0), ("median", (len(ordered) - 1) // 2), ("worst", len(ordered) - 1)):
+            picked.append(ordered.iloc[index].to_dict() | {"case": case})
+    return pd.DataFrame(picked)
+
+
+def headline(recs: pd.DataFrame, rule: RecoveryRule) -> pd.DataFrame:
+    """Per (run, attack): attacked reconstructions, failures, recovered fraction, clients ever recovered."""
+    rows = []
+    scored_runs = set(recs.loc[recs[rule.metric].notna(), "run"]) if rule.metric in recs else set()
+    for (run, attack), group in recs.groupby(["run", "attack"]):
+        row = {"run": run, "attack": attack, "attacked": len(group), "failed": int(group["failed"].sum()),
+               "clients": group["client"].nunique()}
+        if run not in scored_runs:  # the run did not score the rule's metric at all
+            row |= {"recovered": math.nan, "recovered_fraction": math.nan, "clients_recovered": math.nan}
+        else:
+            ok = rule.holds(group[rule.metric]) & ~group["failed"]
+            row |= {"recovered": int(ok.sum()), "recovered_fraction": float(ok.mean()),
+                    "clients_recovered": group.loc[ok, "client"].nunique()}
+        rows.append(row)
+    columns = ["run", "attack", "attacked", "failed", "clients", "recovered", "recovered_fraction", "clients_recovered"]
+    return pd.DataFrame(rows, columns=columns)

@@ -1,0 +1,309 @@
+"""The leakage report: built from real run folders (one round, many rounds, a failed attack, a partial run),
+self-contained, numbers equal to queries over results.csv, bad input rejected with nothing written."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tiny
+from PIL import Image
+
+from fl_sim.cli import execute
+from fl_sim.engines import ENGINES
+from fl_sim.report import DEFAULT_RULE, RecoveryRule, build_report
+from fl_sim.report import tables as t
+from fl_sim.report.plots import attack_colors
+from fl_sim.scenario import scenario_from_dict
+from fl_sim.store import RunStore
+
+
+class Diverges:
+    """An attack that blows up, as a diverging optimisation would."""
+
+    def reconstruct(self, obs, model, oracle_labels=None):
+        raise FloatingPointError("loss became NaN at iteration 3")
+
+
+def make_run(root, raw, stop_after: int | None = None):
+    """A real in-process federation + attacks; ``stop_after``: interrupted (Ctrl-C) after that round."""
+    scenario = scenario_from_dict(raw)
+    store = RunStore.create(scenario, root)
+    engine = ENGINES.get("inprocess")
+
+    def interrupted(s, st, progress):
+        def stop(server_round):
+            progress(server_round)
+            if server_round == stop_after:
+                raise KeyboardInterrupt
+
+        engine(s, st, stop)
+
+    try:
+        execute(scenario, store, engine if stop_after is None else interrupted)
+    except SystemExit as exit_info:
+        assert exit_info.code == 130
+    return store.root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """one round with idlg + a diverging ggi; three rounds of idlg + dlg; a run stopped after round 2 of 3."""
+    import fl_sim.leakage
+    from attacks import build_attack
+
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(root / "no-weights"))  # LPIPS unavailable, whatever this machine has
+        mp.setattr(fl_sim.leakage, "build_attack",
+                   lambda name, params: Diverges() if name == "ggi" else build_attack(name, params))
+        fast = {"iterations": 15}
+        one = make_run(root / "one", tiny(name="one", federation={"rounds": 1},
+                                          attacks=[{"name": "idlg", **fast}, {"name": "ggi"}]))
+        many = make_run(root / "many", tiny(name="many", federation={"rounds": 3},
+                                            attacks=[{"name": "idlg", **fast}, {"name": "dlg", **fast}]))
+        partial = make_run(root / "partial", tiny(name="partial", federation={"rounds": 3},
+                                                  attacks=[{"name": "idlg", **fast}]), stop_after=2)
+    return {"one": one, "many": many, "partial": partial}
+
+
+def images_of(html: str) -> list[str]:
+    return re.findall(r'<img[^>]*src="([^"]+)"', html)
+
+
+# --- reports written by runs --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["one", "many", "partial"])
+def test_every_run_ends_with_a_self_contained_report(runs, name):
+    root = runs[name]
+    html = (root / "report.html").read_text()
+    md = (root / "report.md").read_text()
+    sources = images_of(html)
+    assert len(sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    for src in sources:  # every embedded image decodes and is not empty
+        picture = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert min(picture.size) >= 20
+    assert not re.search(r'(src|href)="(https?:)?//', html), "the report must open offline"
+    for link in re.findall(r"\]\(([^)]+)\)", md):  # Markdown's figures are written beside it
+        assert (root / link).is_file(), link
+    for data in ("results.csv", "leakage_by_round.csv", "headline.csv", "reconstructions.csv"):
+        assert (root / data).is_file()
+    assert "Leakage and utility over rounds" in html and "test accuracy (%)" in html
+
+
+def test_headline_equals_a_query_over_results_csv(runs):
+    root = runs["many"]
+    rows = pd.read_csv(root / "results.csv")
+    ssim = rows[rows.metric == "ssim"]
+    headline = pd.read_csv(root / "headline.csv").set_index("attack")
+    for attack, group in ssim.groupby("attack"):
+        recovered = int((group.value >= 0.5).sum())
+        assert headline.loc[attack, "attacked (round × client)"] == len(group) == 6  # 3 rounds × 2 clients
+        assert headline.loc[attack, "recovered (SSIM ≥ 0.5)"].startswith(f"{recovered} / {len(group)}")
+    by_round = pd.read_csv(root / "leakage_by_round.csv")
+    psnr = rows[rows.metric == "psnr"].groupby(["attack", "round"]).value
+    mine = by_round[by_round.score == "psnr"].set_index(["attack", "round"])
+    np.testing.assert_allclose(mine["mean"], psnr.mean().loc[mine.index])
+    np.testing.assert_allclose(mine["min"], psnr.min().loc[mine.index])
+    np.testing.assert_allclose(mine["std"], psnr.std().loc[mine.index])
+
+
+def test_failed_attack_is_shown_and_counted_not_scored(runs):
+    root = runs["one"]
+    html = (root / "report.html").read_text()
+    assert "failed: FloatingPointError: loss became NaN at iteration 3" in html
+    headline = pd.read_csv(root / "headline.csv").set_index("attack")
+    assert headline.loc["ggi", "failed"] == headline.loc["ggi", "attacked (round × client)"] == 2
+    assert headline.loc["ggi", "recovered (SSIM ≥ 0.5)"].startswith("0 / 2")
+    assert headline.loc["idlg", "failed"] == 0
+
+
+def test_lpips_is_reported_unavailable_with_its_reason_never_as_zero(runs):
+    html = (runs["many"] / "report.html").read_text()
+    assert "LPIPS unavailable</b> (not zero)" in html and "alexnet-owt-7be5be79.pth" in html
+    cases = pd.read_csv(runs["many"] / "reconstructions.csv")
+    assert cases["lpips"].isna().all()
+    cells = re.findall(r"<td>(unavailable|0\.000)</td>", html)
+    assert cells and set(cells) == {"unavailable"}
+
+
+def test_partial_run_reports_its_finished_rounds(runs):
+    root = runs["partial"]
+    html = (root / "report.html").read_text()
+    assert "Partial run" in html and "2 of 3 rounds finished" in html
+    assert set(pd.read_csv(root / "leakage_by_round.csv")["round"]) == {1, 2}
+    assert "Round 2" in html and "Round 3" not in html
+
+
+def test_best_and_worst_are_labelled_with_their_scores(runs):
+    html = (runs["many"] / "report.html").read_text()
+    cases = pd.read_csv(runs["many"] / "reconstructions.csv")
+    for attack, group in cases.groupby("attack"):
+        best = group.loc[group["ssim"].idxmax()]
+        assert (f'<span class="badge best">best</span> <span class="swatch" style="background: '
+                f'{attack_colors([attack])[attack]}"></span>{attack}, round {best["round"]}, '
+                f'client {best["client"]}') in html
+        assert f"SSIM {best['ssim']:.3f}" in html
+
+
+# --- several runs, the command line ---------------------------------------------------------------------
+def test_report_of_several_runs_side_by_side(runs, tmp_path, cli):
+    out = tmp_path / "side-by-side"
+    code, stdout, err = cli("report", runs["one"], runs["many"], "--out", out, "--recovered", "psnr>=20")
+    assert code == 0, err
+    assert (out / "report.html").is_file() and "report:" in stdout
+    merged = pd.read_csv(out / "results.csv")
+    assert set(merged["run"]) == {"one", "many"}
+    headline = pd.read_csv(out / "headline.csv")
+    assert {(r.run, r.attack) for r in headline.itertuples()} == {("one", "idlg"), ("one", "ggi"),
+                                                                  ("many", "idlg"), ("many", "dlg")}
+    assert "recovered (PSNR (dB) ≥ 20)" in headline.columns
+    html = (out / "report.html").read_text()
+    assert html.count("<h3>one</h3>") >= 2 and html.count("<h3>many</h3>") >= 2
+
+
+def test_same_folder_names_are_told_apart(runs, tmp_path):
+    copy = tmp_path / "copy" / "many"
+    shutil.copytree(runs["many"], copy)
+    build_report([runs["many"], copy], tmp_path / "both")
+    assert len(set(pd.read_csv(tmp_path / "both" / "results.csv")["run"])) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}"], "is not an fl-sim run folder"),
+    (["{one}", "{missing}"], "is not an fl-sim run folder"),
+    (["{one}", "--recovered", "ssim>0.5"], "--recovered 'ssim>0.5': expected METRIC>=VALUE"),
+    (["{one}", "--recovered", "sharpness>=1"], "METRIC one of: psnr, ssim, lpips, avd, mse, label_acc"),
+    (["{one}", "--out", "{file}"], "--out '"),
+])
+def test_bad_report_input_exits_2_with_one_line_and_writes_nothing(runs, tmp_path, cli, args, message):
+    (tmp_path / "a-file").write_text("x")
+    before = {p: p.stat().st_mtime_ns for p in runs["one"].rglob("*")}
+    paths = {"missing": tmp_path / "nope", "one": runs["one"], "file": tmp_path / "a-file"}
+    code, out, err = cli("report", *[a.format(**paths) for a in args])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert {p: p.stat().st_mtime_ns for p in runs["one"].rglob("*")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+# --- tables and rules ----------------------------------------------------------------------------------
+def synthetic_rows() -> pd.DataFrame:
+    rows = []
+    for rnd, client, attack, ssim, failed in [(1, 0, "a", 0.9, 0), (1, 1, "a", 0.2, 0), (2, 0, "a", 0.6, 0),
+                                              (2, 1, "a", np.nan, 1), (1, 0, "b", 0.1, 0)]:
+        base = {"run": "r", "round": rnd, "client": client, "attack": attack, "defense": "none",
+                "label_strategy": "", "note": ""}
+        rows.append(base | {"metric": "failed", "value": failed, "note": "diverged" if failed else ""})
+        if not failed:
+            rows.append(base | {"metric": "ssim", "value": ssim})
+            rows.append(base | {"metric": "lpips", "value": np.nan, "note": "unavailable: no weights"})
+    return pd.DataFrame(rows)
+
+
+def test_tables_best_median_worst_and_recovered_fraction():
+    recs = t.reconstructions(synthetic_rows())
+    assert len(recs) == 5 and recs["failed"].sum() == 1
+    cases = t.cases(recs, "ssim").set_index(["attack", "case"])["ssim"]
+    assert cases[("a", "best")] == 0.9 and cases[("a", "median")] == 0.6 and cases[("a", "worst")] == 0.2
+    head = t.headline(recs, DEFAULT_RULE).set_index("attack")
+    assert head.loc["a", "recovered"] == 2 and head.loc["a", "attacked"] == 4 and head.loc["a", "failed"] == 1
+    assert head.loc["a", "clients_recovered"] == 1 and head.loc["b", "recovered"] == 0
+    stats = t.by_round(recs).set_index(["attack", "round", "score"])
+    assert stats.loc[("a", 1, "ssim"), "mean"] == pytest.approx(0.55) and stats.loc[("a", 2, "ssim"), "failed"] == 1
+    assert t.unavailable(synthetic_rows()) == {"lpips": "no weights"}
+    assert "lpips" not in t.scored(recs)
+
+
+def test_recovery_rule_parses_and_compares():
+    rule = RecoveryRule.parse("avd <= 0.3")
+    assert rule == RecoveryRule("avd", "<=", 0.3) and str(rule) == "AVD ≤ 0.3"
+    assert rule.holds(pd.Series([0.1, 0.3, 0.5, np.nan])).tolist() == [True, True, False, False]
+    assert RecoveryRule.parse("ssim>=0.5") == DEFAULT_RULE
+
+
+def test_attack_colours_are_the_same_in_every_report():
+    everything = attack_colors(["idlg", "dlg", "ggi", "afgi", "old-attack"])
+    assert attack_colors(["ggi", "dlg", "idlg", "dlg"]) == {k: everything[k] for k in ("dlg", "ggi", "idlg")}
+    assert len(set(everything.values())) == 5
+
+
+# --- in a real browser ---------------------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                   reason="headless Chromium not installed (apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--window-size=1280,1600"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def page_problems(driver, url: str) -> list[str]:
+    """Open ``url``; what a reader would see broken: unloaded or invisible images, console errors."""
+    driver.get(url)
+    problems = [f"console: {e['message']}" for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    for complete, width, height, shown, alt in driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight, "
+            "i.getBoundingClientRect().width, i.alt])"):
+        if not (complete and width > 0 and height > 0 and shown > 0):
+            problems.append(f"image not shown: {alt}")
+    return problems
+
+
+def not_blank(png: bytes) -> bool:
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+    return pixels.std() > 10 and len(np.unique(pixels, axis=0)) > 20
+
+
+def colour_pixels(png: bytes, hex_colour: str) -> int:
+    """How many pixels lie within a small distance of ``hex_colour``."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3).astype(int)
+    target = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(pixels - target).sum(1) < 40).sum())
+
+
+@needs_browser
+@pytest.mark.parametrize("name", ["one", "many", "partial"])
+def test_report_renders_in_headless_chromium(runs, browser, name):
+    from selenium.webdriver.common.by import By
+
+    root = runs[name]
+    assert page_problems(browser, (root / "report.html").as_uri()) == []
+    assert len(browser.find_elements(By.TAG_NAME, "img")) == len(images_of((root / "report.html").read_text()))
+    plot = browser.find_element(By.CSS_SELECTOR, "img.plot")
+    browser.execute_script("arguments[0].scrollIntoView()", plot)
+    assert plot.size["width"] > 400 and plot.size["height"] > 400
+    shot = plot.screenshot_as_png
+    assert not_blank(shot)
+    assert colour_pixels(shot, attack_colors(["idlg"])["idlg"]) > 50  # idlg's markers / line are drawn
+    grid = browser.find_element(By.CSS_SELECTOR, "table.grid")
+    browser.execute_script("arguments[0].scrollIntoView()", grid)
+    assert grid.size["height"] > 100 and not_blank(grid.screenshot_as_png)
+    assert not_blank(browser.get_screenshot_as_png())
+
+
+@needs_browser
+def test_browser_check_catches_broken_images_and_console_errors(runs, browser, tmp_path):
+    html = (runs["one"] / "report.html").read_text()
+    first = images_of(html)[0]
+    broken = html.replace(first, "data:image/png;base64,AAAA", 1).replace(
+        "</body>", "<script>console.error('boom')</script></body>")
+    (tmp_path / "broken.html").write_text(broken)
+    problems = page_problems(browser, (tmp_path / "broken.html").as_uri())
+    assert any("image not shown" in p for p in problems) and any("boom" in p for p in problems)
