@@ -53,7 +53,8 @@ def make_run(root, raw, stop_after: int | None = None):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """one round with idlg + a diverging ggi; three rounds of idlg + dlg; a run stopped after round 2 of 3."""
+    """one round with idlg + a diverging ggi; three rounds of idlg + dlg; a run stopped after round 2 of 3;
+    14 rounds (more than the report shows grids for)."""
     import fl_sim.leakage
     from attacks import build_attack
 
@@ -69,7 +70,9 @@ def runs(tmp_path_factory):
                                             attacks=[{"name": "idlg", **fast}, {"name": "dlg", **fast}]))
         partial = make_run(root / "partial", tiny(name="partial", federation={"rounds": 3},
                                                   attacks=[{"name": "idlg", **fast}]), stop_after=2)
-    return {"one": one, "many": many, "partial": partial}
+        long = make_run(root / "long", tiny(name="long", federation={"rounds": 14, "clients_per_round": 1},
+                                            attacks=[{"name": "idlg", "iterations": 5}]))
+    return {"one": one, "many": many, "partial": partial, "long": long}
 
 
 def images_of(html: str) -> list[str]:
@@ -77,7 +80,7 @@ def images_of(html: str) -> list[str]:
 
 
 # --- reports written by runs --------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["one", "many", "partial"])
+@pytest.mark.parametrize("name", ["one", "many", "partial", "long"])
 def test_every_run_ends_with_a_self_contained_report(runs, name):
     root = runs[name]
     html = (root / "report.html").read_text()
@@ -137,6 +140,15 @@ def test_partial_run_reports_its_finished_rounds(runs):
     assert "Partial run" in html and "2 of 3 rounds finished" in html
     assert set(pd.read_csv(root / "leakage_by_round.csv")["round"]) == {1, 2}
     assert "Round 2" in html and "Round 3" not in html
+
+
+def test_many_rounds_keep_every_round_in_tables_and_spread_the_grids(runs):
+    root = runs["long"]
+    html = (root / "report.html").read_text()
+    assert set(pd.read_csv(root / "leakage_by_round.csv")["round"]) == set(range(1, 15))
+    assert "12 of 14 attacked rounds shown" in html
+    shown = [int(r) for r in re.findall(r"<h4>Round (\d+)</h4>", html)]
+    assert len(shown) == 12 and shown[0] == 1 and shown[-1] == 14
 
 
 def test_best_and_worst_are_labelled_with_their_scores(runs):
@@ -279,7 +291,7 @@ def colour_pixels(png: bytes, hex_colour: str) -> int:
 
 
 @needs_browser
-@pytest.mark.parametrize("name", ["one", "many", "partial"])
+@pytest.mark.parametrize("name", ["one", "many", "partial", "long"])
 def test_report_renders_in_headless_chromium(runs, browser, name):
     from selenium.webdriver.common.by import By
 
