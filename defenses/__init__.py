@@ -1,5 +1,65 @@
-"""Client-side update transforms and protocol choices, by name."""
+"""Client-side defenses by name: ``{name = "dp", sigma = 0.01, clip = 1.0}`` in a scenario's ``[[defenses]]``.
 
+Each is a parameter model (checked at load) and a transform of the update the client is about to send.
+Several defenses apply in the order listed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from defenses.base import Defense, DefenseContext, Params, Update, label
+from defenses.soteria import Soteria, SoteriaParams
+from defenses.update import GaussianMechanism, GaussianParams, Prune, PruneParams, Quantize, QuantizeParams
 from fl_sim.registry import Registry
 
-DEFENSES: Registry[object] = Registry("defense")
+
+@dataclass(frozen=True)
+class DefenseType:
+    params: type[Params]
+    build: type
+    description: str
+
+
+DEFENSES: Registry[DefenseType] = Registry("defense")
+DEFENSES.add("dp", DefenseType(GaussianParams, GaussianMechanism,
+                               "clip the update to norm C, add Gaussian noise σ·C (ε from Opacus's RDP accountant)"))
+DEFENSES.add("prune", DefenseType(PruneParams, Prune, "zero the smallest-magnitude fraction of the update (DLG)"))
+DEFENSES.add("quantize", DefenseType(QuantizeParams, Quantize, "k-bit uniform or sign quantization of the update"))
+DEFENSES.add("soteria", DefenseType(SoteriaParams, Soteria, "prune the representation layer's gradient (Soteria)"))
+
+
+def build_defense(name: str, params: dict[str, Any]) -> Defense:
+    """The named defense (pydantic ValidationError on bad keys or values, ValueError on an unknown name)."""
+    kind = DEFENSES.get(name)
+    return kind.build(kind.params.model_validate(params))
+
+
+def defense_label(specs: Sequence[Any]) -> str:
+    """``none`` or ``dp(clip=1, sigma=0.01) + prune(ratio=0.9)``, for result rows and reports."""
+    return " + ".join(label(s.name, build_defense(s.name, s.params).params, s.params) for s in specs) or "none"
+
+
+def defend(defenses: Sequence[Defense], update: Update, global_state: dict[str, torch.Tensor],
+           param_names: set[str], ctx: DefenseContext) -> Update:
+    """Apply ``defenses`` to the parameter part of a client's reply.
+
+    FedSGD: ``update`` holds gradients (+ buffers). FedAvg: it holds the new weights; the defenses see
+    the change θ_local − θ_global and the reply becomes θ_global + the defended change.
+    """
+    if not defenses:
+        return update
+    fedavg = ctx.protocol == "fedavg"
+    delta = {k: (v - global_state[k]) if fedavg else v for k, v in update.items() if k in param_names}
+    for defense in defenses:
+        delta = defense.apply(delta, ctx)
+    out = dict(update)
+    out.update({k: (global_state[k] + v) if fedavg else v for k, v in delta.items()})
+    return out
+
+
+__all__ = ["DEFENSES", "Defense", "DefenseContext", "build_defense", "defend", "defense_label"]

@@ -184,6 +184,52 @@ def report(run_dirs: tuple[Path, ...], out: Path | None, recovered: str) -> None
     click.echo(f"report: {build_report(list(run_dirs), out, rule)}")
 
 
+@cli.command()
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a scenario key (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Comparison folder (default runs/<name>-compare-<time>); an existing one is resumed.")
+@click.option("--engine", type=click.Choice(["inprocess", "simulation"]), help="Override the scenario's engine.")
+@click.option("-v", "--verbose", count=True, help="More logs on the console.")
+def compare(scenario: Path, overrides: tuple[str, ...], out: Path | None, engine: str | None, verbose: int) -> None:
+    """Run SCENARIO under every [compare] defense setting; write one privacy–utility comparison report."""
+    from datetime import datetime
+
+    from fl_sim.compare import run_comparison, settings
+    from fl_sim.engines import ENGINES
+    from fl_sim.federation import prepare
+    from fl_sim.logs import configure_console, run_log
+    from fl_sim.report.comparison import build_comparison
+    from fl_sim.scenario import load_scenario
+    from fl_sim.store import RunStore
+
+    configure_console(verbose)
+    loaded = load_scenario(scenario, overrides)
+    if engine is not None:
+        loaded = loaded.model_copy(update={"engine": engine})
+    if len(settings(loaded)) < 2:
+        raise UserInputError("scenario key 'compare.defenses': nothing to compare; add [[compare.defenses]] entries, "
+                             "e.g. {name = 'dp', sigma = [0.001, 0.01]}")
+    if out is None:
+        out = Path(loaded.output.dir) / f"{loaded.name}-compare-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and any(out.iterdir()) and not (out / "runs").is_dir():
+        raise UserInputError(f"--out '{out}' exists and is not a comparison folder; choose a new folder")
+    prepare(loaded)
+
+    def run_setting(setting: Scenario, folder: Path) -> None:
+        if (folder / "run.json").is_file():  # an interrupted comparison: continue this setting's run
+            store = RunStore.open(folder)
+            store.discard_unfinished()
+        else:
+            store = RunStore.create(setting, folder)
+        click.echo(f"setting {folder.name}", err=True)
+        with run_log(store.root):
+            execute(setting, store, ENGINES.get(setting.engine))
+
+    folders = run_comparison(loaded, out, run_setting)
+    click.echo(f"comparison: {build_comparison(out, folders, loaded.compare.metric)}")
+
+
 @cli.command(name="list")
 def list_components() -> None:
     """Datasets (with availability here), models, attacks, defenses, metrics, engines."""

@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from defenses import DefenseContext, build_defense, defend
 from fl_sim.federation import Federation, prepare
 from fl_sim.scenario import Scenario
 from fl_sim.secret import SECRET_RECORD, Secret
@@ -24,8 +25,11 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
     """A ClientApp for ``scenario``; with None it reads ``run_config['scenario']`` (a path, for `flwr run`)."""
     app = ClientApp()
 
+    def current(context: Context) -> Scenario:
+        return scenario if scenario is not None else scenario_from_context(context)
+
     def federation(context: Context) -> Federation:
-        return prepare(scenario if scenario is not None else scenario_from_context(context))
+        return prepare(current(context))
 
     @app.query("client_id")
     def client_id(msg: Message, context: Context) -> Message:
@@ -38,10 +42,21 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
         server_round = int(config["server-round"])
         plan = LocalTraining.from_record(config)
         model = fed.model()
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        global_state = msg.content["arrays"].to_torch_state_dict()
+        model.load_state_dict(global_state)
+        param_names = {n for n, _ in model.named_parameters()}
         batches = fed.batches(client, server_round, plan)
-        torch.manual_seed(int(np.random.SeedSequence([fed.scenario.seed, client, server_round]).generate_state(1)[0]))
+        seeds = np.random.SeedSequence([fed.scenario.seed, client, server_round]).generate_state(2)
+        torch.manual_seed(int(seeds[0]))
         update, loss = local_update(model, fed.data.train, batches, plan, fed.norm, fed.device)
+        defenses = [build_defense(d.name, d.params) for d in current(context).defenses]
+        if defenses:
+            x, y = fed.data.train.batch(batches[0])
+            ctx = DefenseContext(global_model=lambda: _eval_copy(fed, global_state),
+                                 inputs=fed.norm.normalize(x.to(fed.device)), labels=y,
+                                 generator=torch.Generator().manual_seed(int(seeds[1])), protocol=plan.protocol)
+            update = defend(defenses, {k: v.cpu() for k, v in update.items()},
+                            {k: v.cpu() for k, v in global_state.items()}, param_names, ctx)
         used = sum(len(b) for b in batches)
         metrics = MetricRecord({
             "num-examples": used if plan.protocol == "fedsgd" else len(fed.shards[client]),
@@ -62,6 +77,12 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
                        reply_to=msg)
 
     return app
+
+
+def _eval_copy(fed: Federation, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = fed.model()
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def _client(context: Context) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from attacks import Attack, Reconstruction, build_attack
+from defenses import defense_label
 from fl_sim.atomic import atomic_path, save_tensors
 from fl_sim.federation import Federation
 from fl_sim.grids import round_grid
@@ -64,8 +65,9 @@ class LeakageRunner:
     """Runs the scenario's attacks (or ``specs``) at the end of each round; rows go to results.csv."""
 
     def __init__(self, scenario: Scenario, fed: Federation, store: RunStore,
-                 specs: list[ComponentSpec] | None = None, defense: str = "none") -> None:
-        self.scenario, self.fed, self.store, self.defense = scenario, fed, store, defense
+                 specs: list[ComponentSpec] | None = None) -> None:
+        self.scenario, self.fed, self.store = scenario, fed, store
+        self.defense = defense_label(scenario.defenses)
         self.attacks = []
         for spec in scenario.attacks if specs is None else specs:
             attack = build_attack(spec.name, spec.params)

@@ -131,6 +131,16 @@ class OutputConfig(Section):
     dir: str = "runs"
 
 
+class CompareConfig(Section):
+    """``fl-sim compare``: the same federation and attacks under each defense setting."""
+
+    baseline: bool = Field(True, description="also run without any defense (the utility and leakage reference)")
+    defenses: list[ComponentSpec] = Field(
+        [], description="defenses to compare; a list-valued parameter is a grid, e.g. {name = 'dp', sigma = [0, 0.1]}")
+    metric: Literal["psnr", "ssim", "lpips", "avd", "mse", "label_acc"] = Field(
+        "ssim", description="the leakage axis of the privacy–utility plot")
+
+
 class Scenario(Section):
     name: str = "scenario"
     seed: int = Field(0, ge=0)
@@ -145,6 +155,7 @@ class Scenario(Section):
     defenses: list[ComponentSpec] = []
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
     output: OutputConfig = OutputConfig()
+    compare: CompareConfig = CompareConfig()
 
     @field_validator("attacks", "defenses", "metrics")
     @classmethod
@@ -183,6 +194,19 @@ class Scenario(Section):
                 raise ValueError(f"scenario key 'attacks.{i}' ({spec.name}): {why}")
         return self
 
+    @model_validator(mode="after")
+    def _defense_params(self) -> Scenario:
+        for i, spec in enumerate(self.defenses):
+            _check_defense(spec, f"defenses.{i}")
+        for i, spec in enumerate(self.compare.defenses):
+            try:
+                _known_name(_defense_registry(), spec.name)
+            except ValueError as err:
+                raise ValueError(f"scenario key 'compare.defenses.{i}.name': {err}") from None
+            for setting in expand_grid(spec):
+                _check_defense(setting, f"compare.defenses.{i}")
+        return self
+
     def attacked(self, server_round: int, client: int) -> bool:
         tm = self.threat_model
         return (tm.rounds == "all" or server_round in tm.rounds) and (tm.clients == "all" or client in tm.clients)
@@ -190,6 +214,39 @@ class Scenario(Section):
     def to_toml_dict(self) -> dict[str, Any]:
         """The resolved scenario as plain data (None values dropped: TOML has no null)."""
         return _drop_none(self.model_dump(mode="json"))
+
+
+def _defense_registry() -> Registry[Any]:
+    from defenses import DEFENSES
+
+    return DEFENSES
+
+
+def _check_defense(spec: ComponentSpec, where: str) -> None:
+    """Unknown parameters (with the closest one) and bad values of a defense, as one line."""
+    from defenses import build_defense
+
+    allowed = _defense_registry().get(spec.name).params.model_fields
+    for key in spec.params:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, list(allowed), n=1)
+            raise ValueError(f"scenario key '{where}.{key}': unknown parameter of defense '{spec.name}'"
+                             + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; allowed: {', '.join(allowed)}")
+    try:
+        build_defense(spec.name, spec.params)
+    except ValidationError as err:
+        raise ValueError(one_line(err, prefix=f"{where}.")) from None
+
+
+def expand_grid(spec: ComponentSpec) -> list[ComponentSpec]:
+    """``{name = "dp", sigma = [0, 0.1], clip = 1}`` → one spec per combination of the list-valued parameters."""
+    import itertools
+
+    keys = [k for k, v in spec.params.items() if isinstance(v, list)]
+    if not keys:
+        return [spec]
+    combos = itertools.product(*(spec.params[k] for k in keys))
+    return [ComponentSpec(name=spec.name, **(spec.params | dict(zip(keys, values, strict=True)))) for values in combos]
 
 
 def _known_name(registry: Registry[Any], name: str) -> str:

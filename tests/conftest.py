@@ -63,3 +63,19 @@ def cli(monkeypatch, capsys):
         return code, out.out, out.err
 
     return invoke
+
+
+def run_inprocess(tmp_path: Path, raw: dict, name: str = "run"):
+    """Run a scenario dict on the inprocess engine → (RunStore, the Observations in memory)."""
+    from fl_sim.client import build_client_app
+    from fl_sim.engines import InProcessGrid
+    from fl_sim.scenario import scenario_from_dict
+    from fl_sim.server import run_federation
+    from fl_sim.store import RunStore
+
+    scenario = scenario_from_dict(raw)
+    store = RunStore.create(scenario, tmp_path / name)
+    seen: list = []
+    grid = InProcessGrid(build_client_app(scenario), scenario.federation.num_clients, scenario.seed)
+    run_federation(grid, scenario, store, on_round_end=lambda r, obs: seen.extend(obs))
+    return store, seen

@@ -4,7 +4,6 @@ import ast
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,24 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from fl_sim.cli import execute
-from fl_sim.client import build_client_app
-from fl_sim.engines import ENGINES, InProcessGrid
+from fl_sim.engines import ENGINES
 from fl_sim.federation import prepare
 from fl_sim.observation import Observation, load_observations
 from fl_sim.scenario import scenario_from_dict
-from fl_sim.server import run_federation
 from fl_sim.store import RunStore
 from tests.conftest import ROOT, tiny
-
-
-def run(tmp_path: Path, raw: dict, name: str = "run") -> tuple[RunStore, list[Observation]]:
-    """Run a scenario on the inprocess engine; returns the store and the in-memory observations."""
-    scenario = scenario_from_dict(raw)
-    store = RunStore.create(scenario, tmp_path / name)
-    seen: list[Observation] = []
-    grid = InProcessGrid(build_client_app(scenario), scenario.federation.num_clients, scenario.seed)
-    run_federation(grid, scenario, store, on_round_end=lambda r, obs: seen.extend(obs))
-    return store, seen
+from tests.conftest import run_inprocess as run
 
 
 def recompute_gradient(obs: Observation, x: torch.Tensor, y: torch.Tensor, scenario) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny
+from tests.conftest import tiny
 from PIL import Image
 
 from fl_sim.cli import execute

@@ -26,9 +26,9 @@ def _environment() -> Environment:
     return env
 
 
-def render_html(context: dict[str, Any]) -> str:
-    return _environment().get_template("report.html.j2").render(**context)
+def render_html(context: dict[str, Any], template: str = "report.html.j2") -> str:
+    return _environment().get_template(template).render(**context)
 
 
-def render_markdown(context: dict[str, Any]) -> str:
-    return _environment().get_template("report.md.j2").render(**context)
+def render_markdown(context: dict[str, Any], template: str = "report.md.j2") -> str:
+    return _environment().get_template(template).render(**context)

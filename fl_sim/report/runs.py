@@ -55,7 +55,7 @@ def load_run(root: Path) -> RunData:
     results["run"] = root.name
     results["value"] = pd.to_numeric(results["value"], errors="coerce")
     for column in ("note", "label_strategy", "defense"):
-        results[column] = results[column].fillna("").astype(str)
+        results[column] = results[column].astype(object).fillna("").astype(str)
     return RunData(root, root.name, load_scenario(root / "scenario.toml"), state, metrics, results)
 
 

@@ -1,0 +1,175 @@
+"""The defense comparison report: privacy (leakage) against utility (test accuracy), one row per setting.
+
+Per setting and attack: every score's mean ± std over all attacked (round, client) pairs, the
+recovered fraction, the final test accuracy and its drop against no defense, ε where the defense
+defines one; a privacy–utility plot; and one image grid per attack with the same clients' batches
+reconstructed under every setting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from defenses import build_defense, defense_label
+from fl_sim.atomic import write_text
+from fl_sim.grids import grid_image, load_round
+from fl_sim.report import tables
+from fl_sim.report.images import Picture
+from fl_sim.report.plots import attack_colors, png
+from fl_sim.report.render import render_html, render_markdown
+from fl_sim.report.runs import RunData, load_run
+from fl_sim.report.tables import SCORES, RecoveryRule, fmt, label
+from fl_sim.scenario import Scenario
+
+FILES = "comparison-files"
+MARKERS = "osD^v<>p*hX"
+
+
+@dataclass(frozen=True)
+class Setting:
+    run: RunData
+    label: str  # "none", "dp(sigma=0.01)", ...
+    kind: str  # the (first) defense's name, or "none"
+    epsilon: float | None  # the privacy budget where a defense defines one
+
+
+def load_setting(root: Path) -> Setting:
+    run = load_run(root)
+    specs = run.scenario.defenses
+    return Setting(run, defense_label(specs), specs[0].name if specs else "none", _epsilon(run.scenario))
+
+
+def _epsilon(s: Scenario) -> float | None:
+    """ε at the defense's δ after all rounds, client sampling rate clients_per_round / num_clients."""
+    budgets = []
+    for spec in s.defenses:
+        defense = build_defense(spec.name, spec.params)
+        if hasattr(defense, "epsilon"):
+            budgets.append(defense.epsilon(s.federation.rounds, s.federation.clients_per_round /
+                                           s.federation.num_clients))
+    return sum(budgets) if budgets else None
+
+
+def comparison_table(settings: list[Setting], rule: RecoveryRule) -> pd.DataFrame:
+    """One row per (setting, attack): score means/stds, recovered fraction, final accuracy and its drop, ε."""
+    baseline = next((s for s in settings if s.label == "none"), None)
+    base_acc = _final_acc(baseline.run) if baseline else math.nan
+    rows = []
+    for s in settings:
+        recs = tables.reconstructions(s.run.results)
+        head = tables.headline(recs, rule).set_index("attack") if not recs.empty else pd.DataFrame()
+        acc = _final_acc(s.run)
+        for attack, group in recs.groupby("attack") if not recs.empty else []:
+            row: dict[str, Any] = {"setting": s.label, "defense": s.kind, "attack": attack,
+                                   "epsilon": s.epsilon, "final_test_acc": acc, "acc_drop": base_acc - acc,
+                                   "reconstructions": len(group), "failed": int(group["failed"].sum()),
+                                   "recovered_fraction": head.loc[attack, "recovered_fraction"]}
+            for score in SCORES:
+                row[f"{score}_mean"] = group[score].mean()
+                row[f"{score}_std"] = group[score].std()
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _final_acc(run: RunData) -> float:
+    return float(run.metrics["test_acc"].iloc[-1]) if not run.metrics.empty else math.nan
+
+
+def privacy_utility_plot(table: pd.DataFrame, metric: str, colors: dict[str, str]) -> bytes:
+    """Leakage ``metric`` (mean over reconstructions) against final test accuracy, one point per setting."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    kinds = sorted(set(table["defense"])) if not table.empty else []
+    for row in table.itertuples(index=False):
+        y = getattr(row, f"{metric}_mean")
+        if math.isnan(y):
+            continue
+        ax.errorbar(100 * row.final_test_acc, y, yerr=getattr(row, f"{metric}_std") if row.reconstructions > 1
+                    else None, fmt=MARKERS[kinds.index(row.defense) % len(MARKERS)], color=colors[row.attack],
+                    ms=7, capsize=3)
+        ax.annotate(row.setting, (100 * row.final_test_acc, y), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("final test accuracy (%)  → more utility")
+    ax.set_ylabel(f"{label(metric)} {'↑' if tables.higher_is_better(metric) else '↓'} = more leakage")
+    ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=a) for a, c in colors.items()]
+    handles += [plt.Line2D([], [], color="0.3", marker=MARKERS[i % len(MARKERS)], ls="", label=k)
+                for i, k in enumerate(kinds)]
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="best", title="colour: attack, marker: defense",
+                  title_fontsize=8)
+    return png(fig)
+
+
+def setting_grids(settings: list[Setting], attacks: list[str], pairs: int = 4) -> list[Picture]:
+    """Per attack: ground truth, then each setting's reconstruction of the same (round, client) batches."""
+    pictures = []
+    first = settings[0].run
+    recs = tables.reconstructions(first.results)
+    for attack in attacks:
+        keys = recs[recs["attack"] == attack][["round", "client"]].drop_duplicates().head(pairs)
+        truth, rows = [], {s.label: [] for s in settings}
+        for rnd, client in keys.itertuples(index=False):
+            found = {s.label: load_round(s.run.root / "reconstructions" / f"round-{rnd:04d}").get((attack, client))
+                     for s in settings}
+            gt = next((f["ground_truth"] for f in found.values() if f is not None), None)
+            if gt is None:
+                continue
+            truth.append(gt)
+            for name, f in found.items():
+                rows[name].append(f["images"] if f is not None and "images" in f else torch.full_like(gt, 0.5))
+        if truth:
+            image = grid_image([torch.cat(truth)] + [torch.cat(r) for r in rows.values()],
+                               names=["ground truth", *rows])
+            pictures.append(Picture.of(image, f"{FILES}/{attack}.png",
+                                       f"{attack}: the same clients' batches reconstructed under every setting"))
+    return pictures
+
+
+def build_comparison(out: Path, run_dirs: list[Path], metric: str = "ssim",
+                     rule: RecoveryRule = tables.DEFAULT_RULE) -> Path:
+    """comparison.html / .md / .csv in ``out`` from the setting run folders; returns the HTML path."""
+    settings = [load_setting(d) for d in run_dirs]
+    table = comparison_table(settings, rule)
+    attacks = sorted(set(table["attack"])) if not table.empty else []
+    colors = attack_colors(attacks)
+    plot = Picture(f"{FILES}/privacy-utility.png", privacy_utility_plot(table, metric, colors),
+                   f"{label(metric)} against final test accuracy, one point per defense setting and attack")
+    grids = setting_grids(settings, attacks)
+    context = {
+        "title": f"fl-sim defense comparison: {settings[0].run.scenario.name.rsplit('-', 1)[0]}",
+        "settings": settings, "colors": colors, "plot": plot, "grids": grids, "rule": str(rule),
+        "metric": label(metric), "summary": _display(table, rule), "unavailable":
+            {label(k): v for k, v in tables.unavailable(pd.concat([s.run.results for s in settings])).items()},
+        "links": [(s.label, Path(s.run.root).relative_to(out).as_posix() + "/report.html") for s in settings],
+    }
+    (out / FILES).mkdir(parents=True, exist_ok=True)
+    for picture in [plot, *grids]:
+        (out / picture.file).write_bytes(picture.png)
+    table.to_csv(out / "comparison.csv", index=False)
+    write_text(out / "comparison.md", render_markdown(context, "comparison.md.j2"))
+    write_text(out / "comparison.html", render_html(context, "comparison.html.j2"))
+    return out / "comparison.html"
+
+
+def _display(table: pd.DataFrame, rule: RecoveryRule) -> pd.DataFrame:
+    if table.empty:
+        return table
+    frame = table[["setting", "attack"]].copy()
+    frame["ε"] = ["–" if e is None or (isinstance(e, float) and math.isnan(e)) else
+                  ("∞" if math.isinf(e) else f"{e:.3g}") for e in table["epsilon"]]
+    for score in SCORES:
+        frame[label(score)] = [
+            "–" if math.isnan(m) else f"{fmt(score, m)}" + ("" if math.isnan(sd) else f" ± {fmt(score, sd)}")
+            for m, sd in zip(table[f"{score}_mean"], table[f"{score}_std"], strict=True)]
+    frame[f"recovered ({rule})"] = [f"{v:.0%}" if not math.isnan(v) else "n/a" for v in table["recovered_fraction"]]
+    frame["failed"] = table["failed"]
+    frame["final test accuracy (%)"] = [f"{100 * a:.1f}" for a in table["final_test_acc"]]
+    frame["drop vs none (pp)"] = ["–" if math.isnan(d) else f"{100 * d:+.1f}" for d in table["acc_drop"]]
+    return frame

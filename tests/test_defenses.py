@@ -1,0 +1,184 @@
+"""Each defense changes what the curious server observes in its stated way; settings are validated at load;
+DLG leakage falls as the noise or the pruning ratio rises; the comparison report builds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from defenses import DEFENSES, DefenseContext, build_defense, defend, defense_label
+from fl_sim.federation import prepare
+from fl_sim.scenario import ComponentSpec, expand_grid, scenario_from_dict
+from tests.conftest import run_inprocess, tiny
+
+
+def observed(tmp_path, defenses, name="run", **sections):
+    """The parameter part of every Observation of a tiny FedSGD federation with ``defenses``."""
+    raw = tiny(defenses=defenses, **sections)
+    store, seen = run_inprocess(tmp_path, raw, name)
+    params = {n for n, _ in prepare(scenario_from_dict(raw)).model().named_parameters()}
+    return seen, params
+
+
+def test_prune_zeroes_at_least_the_ratio_of_every_tensor(tmp_path):
+    seen, params = observed(tmp_path, [{"name": "prune", "ratio": 0.9}])
+    for obs in seen:
+        for name in params:
+            v = obs.update[name]
+            assert (v == 0).float().mean() >= math.floor(0.9 * v.numel()) / v.numel()
+
+
+def test_quantized_values_lie_on_the_grid(tmp_path):
+    seen, params = observed(tmp_path, [{"name": "quantize", "bits": 3}])
+    for obs in seen:
+        for name in params:
+            v = obs.update[name].double()
+            assert len(torch.unique(v)) <= 2**3
+            step = (v.max() - v.min()) / (2**3 - 1)
+            k = (v - v.min()) / step
+            assert torch.allclose(k, k.round(), atol=1e-4)
+
+
+def test_sign_quantization_sends_one_magnitude_per_tensor():
+    update = {"w": torch.randn(50, 3)}
+    out = build_defense("quantize", {"mode": "sign"}).apply(update, None)
+    assert torch.allclose(out["w"].abs(), update["w"].abs().mean().expand(50, 3))
+    assert torch.equal(torch.sign(out["w"]), torch.sign(update["w"]))
+
+
+def test_dp_clips_the_update_to_norm_c_before_its_noise(tmp_path):
+    seen, params = observed(tmp_path, [{"name": "dp", "clip": 0.01, "sigma": 0.0}])
+    for obs in seen:
+        norm = math.sqrt(sum(float(obs.update[n].double().pow(2).sum()) for n in params))
+        assert norm <= 0.01 * (1 + 1e-5)
+    unclipped, _ = observed(tmp_path, [], "plain")
+    ratio = seen[0].update["fc.0.weight"] / unclipped[0].update["fc.0.weight"]
+    assert torch.allclose(ratio[torch.isfinite(ratio)], ratio[torch.isfinite(ratio)].flatten()[0])  # a scaling
+
+
+def test_dp_noise_has_standard_deviation_sigma_c_and_is_reproducible():
+    dp = build_defense("dp", {"clip": 2.0, "sigma": 0.05})
+    ctx = lambda: DefenseContext(None, None, None, torch.Generator().manual_seed(7), "fedsgd")  # noqa: E731
+    out = dp.apply({"w": torch.zeros(400_000)}, ctx())
+    assert out["w"].std().item() == pytest.approx(0.1, rel=0.01)
+    assert torch.equal(out["w"], dp.apply({"w": torch.zeros(400_000)}, ctx())["w"])
+
+
+def test_dp_epsilon_falls_as_noise_rises():
+    eps = [build_defense("dp", {"sigma": s}).epsilon(rounds=100, sample_rate=0.1) for s in (0.0, 0.5, 1.0, 4.0)]
+    assert eps[0] == math.inf and eps[1] > eps[2] > eps[3] > 0
+
+
+def test_fedavg_defenses_act_on_the_weight_change(tmp_path):
+    seen, params = observed(tmp_path, [{"name": "prune", "ratio": 0.8}],
+                            training={"protocol": "fedavg", "local_steps": 2, "batch_size": 2, "lr": 0.1})
+    for obs in seen:
+        for name in params:
+            change = obs.update[name] - obs.global_state[name]
+            assert (change == 0).float().mean() >= math.floor(0.8 * change.numel()) / change.numel()
+
+
+def test_soteria_masks_only_the_representation_layer_gradient(tmp_path):
+    seen, params = observed(tmp_path, [{"name": "soteria", "ratio": 0.6}], federation={"rounds": 1})
+    plain, _ = observed(tmp_path, [], "plain", federation={"rounds": 1})
+    for defended, clean in zip(seen, plain, strict=True):
+        for name in params - {"fc.0.weight"}:
+            assert torch.equal(defended.update[name], clean.update[name])
+        zero_columns = (defended.update["fc.0.weight"] == 0).all(0)
+        assert zero_columns.float().mean() >= 0.59
+        kept = ~zero_columns
+        assert torch.equal(defended.update["fc.0.weight"][:, kept], clean.update["fc.0.weight"][:, kept])
+
+
+def test_defend_leaves_buffers_and_the_caller_alone():
+    update = {"w": torch.ones(10), "bn.running_mean": torch.ones(3)}
+    out = defend([build_defense("prune", {"ratio": 0.5})], update, {"w": torch.zeros(10)}, {"w"},
+                 DefenseContext(None, None, None, torch.Generator(), "fedsgd"))
+    assert torch.equal(out["bn.running_mean"], torch.ones(3)) and torch.equal(update["w"], torch.ones(10))
+    assert int((out["w"] == 0).sum()) == 5
+
+
+def test_labels_and_grids():
+    assert defense_label([]) == "none"
+    assert defense_label([ComponentSpec(name="dp", sigma=0.1)]) == "dp(sigma=0.1)"
+    assert defense_label([ComponentSpec(name="prune")]) == "prune(ratio=0.5)"
+    grid = expand_grid(ComponentSpec(name="dp", sigma=[0.0, 0.1], clip=[1.0, 2.0]))
+    assert [(s.params["sigma"], s.params["clip"]) for s in grid] == [(0.0, 1.0), (0.0, 2.0), (0.1, 1.0), (0.1, 2.0)]
+    assert set(DEFENSES.names()) >= {"dp", "prune", "quantize", "soteria"}
+
+
+@pytest.mark.parametrize("defenses, compare, message", [
+    ([{"name": "dp", "sgma": 1.0}], None, "scenario key 'defenses.0.sgma': unknown parameter of defense 'dp' "
+                                          "(did you mean 'sigma'?); allowed: clip, sigma, delta"),
+    ([{"name": "dp", "sigma": -1.0}], None, "scenario key 'defenses.0.sigma': Input should be greater than or equal"),
+    ([{"name": "prune", "ratio": 1.0}], None, "scenario key 'defenses.0.ratio': Input should be less than 1"),
+    ([{"name": "quantize", "mode": "ternary"}], None, "scenario key 'defenses.0.mode': got 'ternary'; allowed:"),
+    ([{"name": "prun"}], None, "unknown defense 'prun' (did you mean 'prune'?)"),
+    ([], {"defenses": [{"name": "dp", "sigma": [0.1, -0.1]}]}, "scenario key 'compare.defenses.0.sigma': Input"),
+    ([], {"defenses": [{"name": "soterai"}]}, "scenario key 'compare.defenses.0.name': unknown defense 'soterai'"),
+    ([], {"metric": "accuracy"}, "scenario key 'compare.metric': got 'accuracy'; allowed:"),
+])
+def test_bad_defense_settings_exit_2_with_one_line(tmp_path, write_scenario, cli, defenses, compare, message):
+    raw = tiny(defenses=defenses, output={"dir": str(tmp_path / "runs")})
+    if compare is not None:
+        raw["compare"] = compare
+    code, out, err = cli("compare" if compare is not None else "run", write_scenario(raw))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compare_needs_settings(tmp_path, write_scenario, cli):
+    code, _, err = cli("compare", write_scenario(tiny()), "--out", tmp_path / "cmp")
+    assert code == 2 and "nothing to compare" in err and not (tmp_path / "cmp").exists()
+
+
+# --- the comparison: DLG on the DLG LeNet under noise and pruning ------------------------------------------
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    """4 clients × DLG (batch 1, real MNIST) under none, dp σ ∈ {0.01, 0.1}, prune ∈ {0.5, 0.9}."""
+    from click.testing import CliRunner
+
+    from fl_sim.cli import cli
+
+    root = tmp_path_factory.mktemp("compare")
+    raw = tiny(name="cmp", federation={"num_clients": 4, "clients_per_round": 4, "rounds": 2},
+               training={"protocol": "fedsgd", "batch_size": 1, "lr": 0.1},
+               threat_model={"rounds": [1], "record": "attacked"},
+               attacks=[{"name": "dlg", "iterations": 60}],
+               metrics=["psnr", "ssim", "mse"])
+    raw["compare"] = {"defenses": [{"name": "dp", "clip": 1.0, "sigma": [0.01, 0.1]},
+                                   {"name": "prune", "ratio": [0.5, 0.9]}]}
+    import tomli_w
+
+    (root / "cmp.toml").write_text(tomli_w.dumps(raw))
+    result = CliRunner().invoke(cli, ["compare", str(root / "cmp.toml"), "--out", str(root / "out")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return root / "out"
+
+
+def test_dlg_leakage_falls_as_noise_or_pruning_rises(comparison):
+    table = pd.read_csv(comparison / "comparison.csv").set_index("setting")
+    psnr = table["psnr_mean"]
+    assert psnr["none"] > psnr["dp(clip=1, sigma=0.01)"] - 1.0 > psnr["dp(clip=1, sigma=0.1)"] - 2.0
+    assert psnr["none"] > psnr["prune(ratio=0.9)"] + 3.0
+    assert psnr["prune(ratio=0.5)"] > psnr["prune(ratio=0.9)"] - 1.0
+    assert psnr["none"] > psnr["dp(clip=1, sigma=0.1)"] + 3.0
+
+
+def test_comparison_report_has_every_setting(comparison):
+    table = pd.read_csv(comparison / "comparison.csv")
+    assert len(set(table["setting"])) == 5 and len(table) == 5  # one attack
+    assert table.loc[table.setting == "none", "acc_drop"].item() == 0
+    assert np.isfinite(table.loc[table.setting.str.startswith("dp"), "epsilon"]).all()
+    html = (comparison / "comparison.html").read_text()
+    assert "Privacy against utility" in html and html.count("data:image/png;base64,") >= 2
+    for setting in table["setting"]:
+        assert setting in html
+    md = (comparison / "comparison.md").read_text()
+    assert "comparison-files/privacy-utility.png" in md and (comparison / "comparison-files" / "dlg.png").is_file()
+    assert len(list((comparison / "runs").glob("*/report.html"))) == 5
