@@ -11,7 +11,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from tests.conftest import tiny
 from PIL import Image
 
 from fl_sim.cli import execute
@@ -21,6 +20,7 @@ from fl_sim.report import tables as t
 from fl_sim.report.plots import attack_colors
 from fl_sim.scenario import scenario_from_dict
 from fl_sim.store import RunStore
+from tests.conftest import tiny
 
 
 class Diverges:
