@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from defenses.base import Defense, DefenseContext, Params, Update, label
+from defenses.local_dp import LocalDp, LocalDpParams
 from defenses.soteria import Soteria, SoteriaParams
 from defenses.update import GaussianMechanism, GaussianParams, Prune, PruneParams, Quantize, QuantizeParams
 from fl_sim.registry import Registry
@@ -23,6 +24,7 @@ class DefenseType:
     params: type[Params]
     build: type
     description: str
+    protocols: tuple[str, ...] = ("fedsgd", "fedavg")  # the training protocols it can defend
 
 
 DEFENSES: Registry[DefenseType] = Registry("defense")
@@ -31,6 +33,8 @@ DEFENSES.add("dp", DefenseType(GaussianParams, GaussianMechanism,
 DEFENSES.add("prune", DefenseType(PruneParams, Prune, "zero the smallest-magnitude fraction of the update (DLG)"))
 DEFENSES.add("quantize", DefenseType(QuantizeParams, Quantize, "k-bit uniform or sign quantization of the update"))
 DEFENSES.add("soteria", DefenseType(SoteriaParams, Soteria, "prune the representation layer's gradient (Soteria)"))
+DEFENSES.add("local-dp", DefenseType(LocalDpParams, LocalDp, "Flower's LocalDpMod: clip the update, Gaussian noise "
+                                                             "for (ε, δ) per round", protocols=("fedavg",)))
 
 
 def build_defense(name: str, params: dict[str, Any]) -> Defense:
@@ -46,11 +50,13 @@ def defense_label(specs: Sequence[Any]) -> str:
 
 def defend(defenses: Sequence[Defense], update: Update, global_state: dict[str, torch.Tensor],
            param_names: set[str], ctx: DefenseContext) -> Update:
-    """Apply ``defenses`` to the parameter part of a client's reply.
+    """Apply the update-stage ``defenses`` to the parameter part of a client's reply (message-stage ones,
+    such as local-dp, run as Flower mods around the train function instead).
 
     FedSGD: ``update`` holds gradients (+ buffers). FedAvg: it holds the new weights; the defenses see
     the change θ_local − θ_global and the reply becomes θ_global + the defended change.
     """
+    defenses = [d for d in defenses if getattr(d, "stage", "update") == "update"]
     if not defenses:
         return update
     fedavg = ctx.protocol == "fedavg"

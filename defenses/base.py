@@ -30,6 +30,9 @@ class DefenseContext:
 
 
 class Defense(Protocol):
+    """``stage = "update"`` (default): ``apply`` transforms the update; ``"message"``: ``mod()`` is a Flower
+    client mod wrapped around the train function."""
+
     params: BaseModel
 
     def apply(self, update: Update, ctx: DefenseContext) -> Update: ...

@@ -7,10 +7,13 @@ Secret record (the dataset indices used), which the curious strategy strips befo
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from defenses import DefenseContext, build_defense, defend
 from fl_sim.federation import Federation, prepare
@@ -35,7 +38,15 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
     def client_id(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"metrics": MetricRecord({"client-id": _client(context)})}), reply_to=msg)
 
-    @app.train()
+    def message_defenses(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        """The scenario's message-stage defenses (Flower mods such as LocalDpMod) around this train call."""
+        handler = call_next
+        for defense in reversed([build_defense(d.name, d.params) for d in current(context).defenses]):
+            if getattr(defense, "stage", "update") == "message":
+                handler = partial(defense.mod(), call_next=handler)
+        return handler(msg, context)
+
+    @app.train(mods=[message_defenses])
     def train(msg: Message, context: Context) -> Message:
         fed, client = federation(context), _client(context)
         config = msg.content["config"]

@@ -197,14 +197,14 @@ class Scenario(Section):
     @model_validator(mode="after")
     def _defense_params(self) -> Scenario:
         for i, spec in enumerate(self.defenses):
-            _check_defense(spec, f"defenses.{i}")
+            _check_defense(spec, f"defenses.{i}", self.training.protocol)
         for i, spec in enumerate(self.compare.defenses):
             try:
                 _known_name(_defense_registry(), spec.name)
             except ValueError as err:
                 raise ValueError(f"scenario key 'compare.defenses.{i}.name': {err}") from None
             for setting in expand_grid(spec):
-                _check_defense(setting, f"compare.defenses.{i}")
+                _check_defense(setting, f"compare.defenses.{i}", self.training.protocol)
         return self
 
     def attacked(self, server_round: int, client: int) -> bool:
@@ -222,11 +222,15 @@ def _defense_registry() -> Registry[Any]:
     return DEFENSES
 
 
-def _check_defense(spec: ComponentSpec, where: str) -> None:
-    """Unknown parameters (with the closest one) and bad values of a defense, as one line."""
+def _check_defense(spec: ComponentSpec, where: str, protocol: str) -> None:
+    """Unknown parameters (with the closest one), bad values and an unsupported protocol, as one line."""
     from defenses import build_defense
 
-    allowed = _defense_registry().get(spec.name).params.model_fields
+    kind = _defense_registry().get(spec.name)
+    if protocol not in kind.protocols:
+        raise ValueError(f"scenario key '{where}' ({spec.name}): defends only training.protocol = "
+                         f"{' or '.join(repr(p) for p in kind.protocols)}, the scenario uses '{protocol}'")
+    allowed = kind.params.model_fields
     for key in spec.params:
         if key not in allowed:
             hint = difflib.get_close_matches(key, list(allowed), n=1)

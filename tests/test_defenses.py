@@ -182,3 +182,23 @@ def test_comparison_report_has_every_setting(comparison):
     md = (comparison / "comparison.md").read_text()
     assert "comparison-files/privacy-utility.png" in md and (comparison / "comparison-files" / "dlg.png").is_file()
     assert len(list((comparison / "runs").glob("*/report.html"))) == 5
+
+
+def test_local_dp_is_flowers_mod_on_train_only(tmp_path):
+    fedavg = {"protocol": "fedavg", "local_steps": 2, "batch_size": 2, "lr": 0.1}
+    local_dp = {"name": "local-dp", "clip": 1000.0, "sensitivity": 1.0, "epsilon": 1000.0, "delta": 1e-5}
+    seen, params = observed(tmp_path, [local_dp], training=fedavg, federation={"rounds": 1})
+    clean, _ = observed(tmp_path, [], "plain", training=fedavg, federation={"rounds": 1})
+    expected = build_defense("local-dp", {k: v for k, v in local_dp.items() if k != "name"}).noise_std
+    assert expected == pytest.approx(math.sqrt(2 * math.log(1.25e5)) / 1000)
+    noise = torch.cat([(a.update[n] - b.update[n]).flatten() for a, b in zip(seen, clean, strict=True)
+                       for n in params])
+    assert noise.std().item() == pytest.approx(expected, rel=0.05) and abs(noise.mean().item()) < expected / 20
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert metrics["eval_acc"].notna().all()  # federated evaluation is not wrapped by the mod
+
+
+def test_local_dp_needs_fedavg(write_scenario, cli, tmp_path):
+    code, _, err = cli("run", write_scenario(tiny(defenses=[{"name": "local-dp"}],
+                                                  output={"dir": str(tmp_path / "runs")})))
+    assert code == 2 and "defends only training.protocol = 'fedavg', the scenario uses 'fedsgd'" in err

@@ -1,0 +1,43 @@
+"""Flower's LocalDpMod: the client clips its model update to norm C and adds Gaussian noise to its weights.
+
+It runs as a Flower mod on the ClientApp's train function (``@app.train(mods=[...])``; app-wide mods
+would also wrap federated evaluation). The mod sees the weights the server sent and the weights the
+client returns, so it needs FedAvg (a FedSGD reply is a gradient, not weights). Flower calibrates the
+noise to one (ε, δ) release per round: σ = sensitivity · √(2 ln(1.25/δ)) / ε.
+"""
+
+from __future__ import annotations
+
+import math
+
+from flwr.clientapp.mod import LocalDpMod
+from pydantic import Field
+
+from defenses.base import Params
+
+
+class LocalDpParams(Params):
+    clip: float = Field(1.0, gt=0, description="clipping norm of the update θ_local − θ_global")
+    sensitivity: float = Field(1.0, ge=0, description="L2 sensitivity the noise is calibrated to (usually = clip)")
+    epsilon: float = Field(10.0, gt=0, description="ε of each round's release")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of each round's release")
+
+
+class LocalDp:
+    stage = "message"
+
+    def __init__(self, params: LocalDpParams) -> None:
+        self.params = params
+
+    def mod(self) -> LocalDpMod:
+        p = self.params
+        return LocalDpMod(clipping_norm=p.clip, sensitivity=p.sensitivity, epsilon=p.epsilon, delta=p.delta)
+
+    @property
+    def noise_std(self) -> float:
+        p = self.params
+        return p.sensitivity * math.sqrt(2 * math.log(1.25 / p.delta)) / p.epsilon
+
+    def epsilon(self, rounds: int, sample_rate: float) -> float:
+        """ε after ``rounds`` rounds by basic composition over a client's expected participations."""
+        return self.params.epsilon * max(1.0, rounds * sample_rate)
