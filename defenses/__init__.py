@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from defenses.base import Defense, DefenseContext, Params, Update, label
+from defenses.base import Defense, DefenseContext, Params, Participation, Update, label
+from defenses.dp_sgd import DpSgd, DpSgdParams
 from defenses.local_dp import LocalDp, LocalDpParams
 from defenses.soteria import Soteria, SoteriaParams
 from defenses.update import GaussianMechanism, GaussianParams, Prune, PruneParams, Quantize, QuantizeParams
@@ -33,6 +34,8 @@ DEFENSES.add("dp", DefenseType(GaussianParams, GaussianMechanism,
 DEFENSES.add("prune", DefenseType(PruneParams, Prune, "zero the smallest-magnitude fraction of the update (DLG)"))
 DEFENSES.add("quantize", DefenseType(QuantizeParams, Quantize, "k-bit uniform or sign quantization of the update"))
 DEFENSES.add("soteria", DefenseType(SoteriaParams, Soteria, "prune the representation layer's gradient (Soteria)"))
+DEFENSES.add("dp-sgd", DefenseType(DpSgdParams, DpSgd, "Opacus DP-SGD in local training: per-sample clipping + noise "
+                                                      "(BatchNorm models are fixed to GroupNorm)"))
 DEFENSES.add("local-dp", DefenseType(LocalDpParams, LocalDp, "Flower's LocalDpMod: clip the update, Gaussian noise "
                                                              "for (ε, δ) per round", protocols=("fedavg",)))
 
@@ -41,6 +44,24 @@ def build_defense(name: str, params: dict[str, Any]) -> Defense:
     """The named defense (pydantic ValidationError on bad keys or values, ValueError on an unknown name)."""
     kind = DEFENSES.get(name)
     return kind.build(kind.params.model_validate(params))
+
+
+MODEL_FIXING_DEFENSES = frozenset(n for n, kind in DEFENSES.items() if hasattr(kind.build, "prepare_model"))
+
+
+def prepare_model(specs: Sequence[Any], model: torch.nn.Module) -> torch.nn.Module:
+    """The global model as the scenario's defenses need it (dp-sgd: Opacus's BatchNorm → GroupNorm fix)."""
+    for spec in specs:
+        fix = getattr(DEFENSES.get(spec.name).build, "prepare_model", None)
+        model = fix(model) if fix is not None else model
+    return model
+
+
+def epsilon(specs: Sequence[Any], participation: Participation) -> float | None:
+    """Σ ε of the defenses that define one (basic composition), None if none does."""
+    budgets = [d.epsilon(participation) for d in (build_defense(s.name, s.params) for s in specs)
+               if hasattr(d, "epsilon")]
+    return sum(budgets) if budgets else None
 
 
 def defense_label(specs: Sequence[Any]) -> str:
@@ -68,4 +89,5 @@ def defend(defenses: Sequence[Defense], update: Update, global_state: dict[str, 
     return out
 
 
-__all__ = ["DEFENSES", "Defense", "DefenseContext", "build_defense", "defend", "defense_label"]
+__all__ = ["DEFENSES", "Defense", "DefenseContext", "Participation", "build_defense", "defend", "defense_label",
+           "epsilon", "prepare_model"]

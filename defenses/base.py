@@ -29,6 +29,16 @@ class DefenseContext:
     protocol: str  # "fedsgd" | "fedavg"
 
 
+@dataclass(frozen=True)
+class Participation:
+    """How often a client's data is released, for privacy accounting."""
+
+    rounds: int
+    sample_rate: float  # clients_per_round / num_clients
+    batch_rate: float  # batch_size / examples in a client's shard
+    steps_per_round: int  # local steps (FedSGD: 1)
+
+
 class Defense(Protocol):
     """``stage = "update"`` (default): ``apply`` transforms the update; ``"message"``: ``mod()`` is a Flower
     client mod wrapped around the train function."""

@@ -13,7 +13,7 @@ import math
 from flwr.clientapp.mod import LocalDpMod
 from pydantic import Field
 
-from defenses.base import Params
+from defenses.base import Params, Participation
 
 
 class LocalDpParams(Params):
@@ -38,6 +38,6 @@ class LocalDp:
         p = self.params
         return p.sensitivity * math.sqrt(2 * math.log(1.25 / p.delta)) / p.epsilon
 
-    def epsilon(self, rounds: int, sample_rate: float) -> float:
-        """ε after ``rounds`` rounds by basic composition over a client's expected participations."""
-        return self.params.epsilon * max(1.0, rounds * sample_rate)
+    def epsilon(self, p: Participation) -> float:
+        """ε after all rounds: basic composition over a client's expected participations."""
+        return self.params.epsilon * max(1.0, p.rounds * p.sample_rate)

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, Params, Update
+from defenses.base import DefenseContext, Params, Participation, Update
 
 
 class GaussianParams(Params):
@@ -30,14 +30,14 @@ class GaussianMechanism:
         return {k: v * scale + sigma * c * torch.randn(v.shape, generator=ctx.generator, dtype=v.dtype)
                 for k, v in update.items()}
 
-    def epsilon(self, rounds: int, sample_rate: float) -> float:
-        """ε at δ after ``rounds`` participations sampled with ``sample_rate`` (Opacus's RDP accountant)."""
+    def epsilon(self, p: Participation) -> float:
+        """Client-level ε at δ after ``p.rounds`` rounds, clients sampled with ``p.sample_rate`` (Opacus RDP)."""
         from opacus.accountants import RDPAccountant
 
         if self.params.sigma == 0:
             return math.inf
         accountant = RDPAccountant()
-        accountant.history = [(self.params.sigma, sample_rate, rounds)]
+        accountant.history = [(self.params.sigma, p.sample_rate, p.rounds)]
         return float(accountant.get_epsilon(self.params.delta))
 
 

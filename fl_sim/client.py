@@ -59,8 +59,13 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
         batches = fed.batches(client, server_round, plan)
         seeds = np.random.SeedSequence([fed.scenario.seed, client, server_round]).generate_state(2)
         torch.manual_seed(int(seeds[0]))
-        update, loss = local_update(model, fed.data.train, batches, plan, fed.norm, fed.device)
         defenses = [build_defense(d.name, d.params) for d in current(context).defenses]
+        trainer = next((d for d in defenses if getattr(d, "stage", "") == "training"), None)
+        if trainer is not None:  # dp-sgd: the defense is the local optimisation itself
+            update, loss = trainer.local_update(model, fed.data.train, batches, plan, fed.norm, fed.device,
+                                                int(seeds[1]))
+        else:
+            update, loss = local_update(model, fed.data.train, batches, plan, fed.norm, fed.device)
         if defenses:
             x, y = fed.data.train.batch(batches[0])
             ctx = DefenseContext(global_model=lambda: _eval_copy(fed, global_state),

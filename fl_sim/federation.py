@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from defenses import MODEL_FIXING_DEFENSES, prepare_model
 from fl_sim.data.images import DataSplits, Normalization
 from fl_sim.data.partition import partition, round_batches, split_holdout
 from fl_sim.data.sources import load_dataset
@@ -43,7 +44,9 @@ _CACHE: dict[str, Federation] = {}
 
 def prepare(scenario: Scenario) -> Federation:
     """Load data, partition it and check the federation fits it (UserInputError otherwise)."""
+    model_fixes = sorted({d.name for d in scenario.defenses if d.name in MODEL_FIXING_DEFENSES})
     key = scenario.model_dump_json(include={"seed", "device", "federation", "data", "model", "training"})
+    key += repr(model_fixes)
     if key in _CACHE:
         return _CACHE[key]
     data = load_dataset(scenario.data)
@@ -59,7 +62,8 @@ def prepare(scenario: Scenario) -> Federation:
     split = [split_holdout(s, d.holdout_fraction, d.seed, c) for c, s in enumerate(shards)]
     norm = data.normalization if d.normalize else Normalization.identity(data.shape[0])
     device = resolve_device(scenario.device)
-    template = build_model(scenario.model, data.num_classes, data.shape, scenario.seed)
+    template = prepare_model(scenario.defenses, build_model(scenario.model, data.num_classes, data.shape,
+                                                            scenario.seed))
     fed = Federation(scenario, data, [t for t, _ in split], [h for _, h in split], norm, device, template)
     _CACHE[key] = fed
     return fed

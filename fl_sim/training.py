@@ -72,7 +72,7 @@ def local_update(model: nn.Module, pool: ImageSet, batches: Sequence[np.ndarray]
         update = {n: g.detach() for n, g in zip(names, grads, strict=True)}
         update |= {n: b.detach().clone() for n, b in model.named_buffers()}
         return update, float(loss.detach())
-    opt = _optimizer(model, plan)
+    opt = optimizer_for(model, plan)
     losses = []
     for batch in batches:
         x, y = pool.batch(batch)
@@ -84,7 +84,7 @@ def local_update(model: nn.Module, pool: ImageSet, batches: Sequence[np.ndarray]
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, float(np.mean(losses))
 
 
-def _optimizer(model: nn.Module, plan: LocalTraining) -> torch.optim.Optimizer:
+def optimizer_for(model: nn.Module, plan: LocalTraining) -> torch.optim.Optimizer:
     if plan.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from defenses import DEFENSES, DefenseContext, build_defense, defend, defense_label
+from defenses import DEFENSES, DefenseContext, Participation, build_defense, defend, defense_label
 from fl_sim.federation import prepare
 from fl_sim.scenario import ComponentSpec, expand_grid, scenario_from_dict
 from tests.conftest import run_inprocess, tiny
@@ -68,9 +68,13 @@ def test_dp_noise_has_standard_deviation_sigma_c_and_is_reproducible():
     assert torch.equal(out["w"], dp.apply({"w": torch.zeros(400_000)}, ctx())["w"])
 
 
-def test_dp_epsilon_falls_as_noise_rises():
-    eps = [build_defense("dp", {"sigma": s}).epsilon(rounds=100, sample_rate=0.1) for s in (0.0, 0.5, 1.0, 4.0)]
+@pytest.mark.parametrize("name", ["dp", "dp-sgd"])
+def test_epsilon_falls_as_noise_rises(name):
+    when = Participation(rounds=100, sample_rate=0.1, batch_rate=0.05, steps_per_round=2)
+    eps = [build_defense(name, {"sigma": s}).epsilon(when) for s in (0.0, 0.5, 1.0, 4.0)]
     assert eps[0] == math.inf and eps[1] > eps[2] > eps[3] > 0
+    more_rounds = Participation(rounds=400, sample_rate=0.1, batch_rate=0.05, steps_per_round=2)
+    assert build_defense(name, {"sigma": 1.0}).epsilon(more_rounds) > eps[2]
 
 
 def test_fedavg_defenses_act_on_the_weight_change(tmp_path):
@@ -202,3 +206,47 @@ def test_local_dp_needs_fedavg(write_scenario, cli, tmp_path):
     code, _, err = cli("run", write_scenario(tiny(defenses=[{"name": "local-dp"}],
                                                   output={"dir": str(tmp_path / "runs")})))
     assert code == 2 and "defends only training.protocol = 'fedavg', the scenario uses 'fedsgd'" in err
+
+
+def per_sample_clipped_mean(obs, x, y, scenario, clip):
+    """Reference DP-SGD gradient without noise: mean over the batch of per-sample gradients clipped to ``clip``."""
+    import torch.nn.functional as F
+
+    model = prepare(scenario).model()
+    model.load_state_dict(obs.global_state)
+    names, params = zip(*model.named_parameters(), strict=True)
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(y)):
+        grads = torch.autograd.grad(F.cross_entropy(model(obs.normalization.normalize(x[i:i + 1])), y[i:i + 1]),
+                                    params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        for t, g in zip(total, grads, strict=True):
+            t += g * min(1.0, clip / (float(norm) + 1e-6))
+    return {n: t / len(y) for n, t in zip(names, total, strict=True)}
+
+
+def test_dp_sgd_sends_opacus_clipped_per_sample_mean(tmp_path):
+    raw = tiny(defenses=[{"name": "dp-sgd", "sigma": 0.0, "clip": 0.05}], training={"batch_size": 4},
+               federation={"rounds": 1})
+    store, seen = run_inprocess(tmp_path, raw)
+    scenario = scenario_from_dict(raw)
+    for obs in seen:
+        x, y = store.secrets.get(obs.server_round, obs.client).examples(prepare(scenario).data.train)
+        expected = per_sample_clipped_mean(obs, x, y, scenario, 0.05)
+        for name, value in expected.items():
+            torch.testing.assert_close(obs.update[name], value, rtol=1e-4, atol=1e-7)
+
+
+def test_dp_sgd_noise_and_the_model_the_attacker_sees(tmp_path):
+    raw = tiny(defenses=[{"name": "dp-sgd", "sigma": 1.0, "clip": 1e-6}], training={"batch_size": 4},
+               federation={"rounds": 1}, model={"name": "convnet"})
+    store, seen = run_inprocess(tmp_path, raw)
+    fed = prepare(scenario_from_dict(raw))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fed.model().modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in fed.model().modules())
+    assert not any("running_mean" in k for k in seen[0].global_state)
+    params = [n for n, _ in fed.model().named_parameters()]
+    noise = torch.cat([obs.update[n].flatten() for obs in seen for n in params])
+    assert noise.std().item() == pytest.approx(1e-6 / 4, rel=0.05)  # σ·C / batch size
+    plain = prepare(scenario_from_dict(tiny(model={"name": "convnet"})))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model().modules())  # only dp-sgd fixes it

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import torch
 
-from defenses import build_defense, defense_label
+from defenses import Participation, defense_label, epsilon
 from fl_sim.atomic import write_text
 from fl_sim.grids import grid_image, load_round
 from fl_sim.report import tables
@@ -47,14 +48,17 @@ def load_setting(root: Path) -> Setting:
 
 
 def _epsilon(s: Scenario) -> float | None:
-    """ε at the defense's δ after all rounds, client sampling rate clients_per_round / num_clients."""
-    budgets = []
-    for spec in s.defenses:
-        defense = build_defense(spec.name, spec.params)
-        if hasattr(defense, "epsilon"):
-            budgets.append(defense.epsilon(s.federation.rounds, s.federation.clients_per_round /
-                                           s.federation.num_clients))
-    return sum(budgets) if budgets else None
+    """ε at the defenses' δ after all rounds (see defenses.epsilon)."""
+    if not s.defenses:
+        return None
+    from fl_sim.federation import prepare
+
+    fed, t = prepare(s), s.training
+    shard = float(np.mean([len(x) for x in fed.shards]))
+    steps = 1 if t.protocol == "fedsgd" else (t.local_steps if not t.local_epochs else
+                                              t.local_epochs * math.ceil(shard / t.batch_size))
+    return epsilon(s.defenses, Participation(s.federation.rounds, s.federation.clients_per_round /
+                                             s.federation.num_clients, t.batch_size / shard, steps))
 
 
 def comparison_table(settings: list[Setting], rule: RecoveryRule) -> pd.DataFrame:
