@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.base import Reconstruction
-from attacks.cpu import tuned_for
 from attacks.edges import EdgePrior, baseline_point
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelRecoveryError, LabelSignal, last_linear
 from attacks.matching import GradientDistance
@@ -30,6 +29,7 @@ from attacks.regularizers import (
     total_variation,
 )
 from attacks.simulate import ClientSimulator, UnsupportedObservation
+from fl_sim.cpu import tuned_for
 from fl_sim.observation import Observation
 
 

@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from defenses.base import DefenseContext, Params, Update
+from fl_sim.cpu import tuned_for
 
 
 class SoteriaParams(Params):
@@ -29,7 +30,8 @@ class Soteria:
     def apply(self, update: Update, ctx: DefenseContext) -> Update:
         model = ctx.global_model()
         name, layer = last_linear(model)
-        scores = feature_sensitivity(model, layer, ctx.inputs)  # (F,)
+        with tuned_for(model, ctx.inputs.device):
+            scores = feature_sensitivity(model, layer, ctx.inputs)  # (F,)
         threshold = np.percentile(scores.numpy(), 100 * self.params.ratio)
         keep = ~(scores.abs() < threshold)  # non-finite scores (r_f = 0) are kept, as in the authors' code
         out = dict(update)

@@ -1,4 +1,4 @@
-"""CPU settings for small reconstruction problems.
+"""CPU settings for small-model autograd work (reconstructions, Soteria's per-feature backward passes).
 
 A LeNet-sized double-backward is a few hundred tiny kernels: on CPU, OpenMP threading and oneDNN
 (mkldnn) convolutions cost more than they save there. Measured on 2 cores (DLG LeNet, 32 px,
