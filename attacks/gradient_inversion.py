@@ -34,8 +34,10 @@ from fl_sim.observation import Observation
 
 
 def start_seed(seed: int, restart: int, obs: Observation) -> int:
-    """Each (round, client, restart) gets its own random start, reproducible from the recipe seed."""
-    return int(np.random.SeedSequence([seed, restart, obs.server_round, obs.client]).generate_state(1)[0])
+    """Each (round, client, restart) gets its own random start, reproducible from the recipe seed
+    (a secure aggregate, client −1, is keyed 2**32 − 1)."""
+    client = obs.client if obs.client >= 0 else 2**32 + obs.client
+    return int(np.random.SeedSequence([seed, restart, obs.server_round, client]).generate_state(1)[0])
 
 
 class GradientInversion:

@@ -15,6 +15,7 @@ import torch
 from defenses.base import Defense, DefenseContext, Params, Participation, Update, label
 from defenses.dp_sgd import DpSgd, DpSgdParams
 from defenses.local_dp import LocalDp, LocalDpParams
+from defenses.secagg import AGGREGATE_CLIENT, SecAgg, SecAggParams
 from defenses.soteria import Soteria, SoteriaParams
 from defenses.update import GaussianMechanism, GaussianParams, Prune, PruneParams, Quantize, QuantizeParams
 from fl_sim.registry import Registry
@@ -36,6 +37,8 @@ DEFENSES.add("quantize", DefenseType(QuantizeParams, Quantize, "k-bit uniform or
 DEFENSES.add("soteria", DefenseType(SoteriaParams, Soteria, "prune the representation layer's gradient (Soteria)"))
 DEFENSES.add("dp-sgd", DefenseType(DpSgdParams, DpSgd, "Opacus DP-SGD in local training: per-sample clipping + noise "
                                                       "(BatchNorm models are fixed to GroupNorm)"))
+DEFENSES.add("secagg", DefenseType(SecAggParams, SecAgg, "Flower's SecAgg+: the server sees only the round's "
+                                                        "aggregate, attacked as one batch of all clients' data"))
 DEFENSES.add("local-dp", DefenseType(LocalDpParams, LocalDp, "Flower's LocalDpMod: clip the update, Gaussian noise "
                                                              "for (ε, δ) per round", protocols=("fedavg",)))
 
@@ -64,6 +67,11 @@ def epsilon(specs: Sequence[Any], participation: Participation) -> float | None:
     return sum(budgets) if budgets else None
 
 
+def secure_aggregation(specs: Sequence[Any]) -> SecAgg | None:
+    """The scenario's SecAgg+ defense, if it has one."""
+    return next((build_defense(s.name, s.params) for s in specs if s.name == "secagg"), None)
+
+
 def defense_label(specs: Sequence[Any]) -> str:
     """``none`` or ``dp(clip=1, sigma=0.01) + prune(ratio=0.9)``, for result rows and reports."""
     return " + ".join(label(s.name, build_defense(s.name, s.params).params, s.params) for s in specs) or "none"
@@ -89,5 +97,5 @@ def defend(defenses: Sequence[Defense], update: Update, global_state: dict[str, 
     return out
 
 
-__all__ = ["DEFENSES", "Defense", "DefenseContext", "Participation", "build_defense", "defend", "defense_label",
-           "epsilon", "prepare_model"]
+__all__ = ["AGGREGATE_CLIENT", "DEFENSES", "Defense", "DefenseContext", "Participation", "build_defense", "defend",
+           "defense_label", "epsilon", "prepare_model", "secure_aggregation"]

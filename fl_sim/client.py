@@ -8,6 +8,7 @@ Secret record (the dataset indices used), which the curious strategy strips befo
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from defenses import DefenseContext, build_defense, defend
 from fl_sim.federation import Federation, prepare
 from fl_sim.scenario import Scenario
+from fl_sim.secagg import is_legacy_fit, legacy_fit
 from fl_sim.secret import SECRET_RECORD, Secret
 from fl_sim.training import LocalTraining, evaluate, local_update
 
@@ -39,21 +41,20 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
         return Message(RecordDict({"metrics": MetricRecord({"client-id": _client(context)})}), reply_to=msg)
 
     def message_defenses(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        """The scenario's message-stage defenses (Flower mods such as LocalDpMod) around this train call."""
+        """The scenario's defenses that are Flower mods (LocalDpMod, secaggplus_mod) around this train call."""
         handler = call_next
         for defense in reversed([build_defense(d.name, d.params) for d in current(context).defenses]):
-            if getattr(defense, "stage", "update") == "message":
+            if hasattr(defense, "mod"):
                 handler = partial(defense.mod(), call_next=handler)
         return handler(msg, context)
 
-    @app.train(mods=[message_defenses])
-    def train(msg: Message, context: Context) -> Message:
+    def local_round(context: Context, global_state: dict[str, torch.Tensor], config: Any
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Secret]:
+        """This client's defended update, its metrics and the Secret (the batches it used)."""
         fed, client = federation(context), _client(context)
-        config = msg.content["config"]
         server_round = int(config["server-round"])
         plan = LocalTraining.from_record(config)
         model = fed.model()
-        global_state = msg.content["arrays"].to_torch_state_dict()
         model.load_state_dict(global_state)
         param_names = {n for n, _ in model.named_parameters()}
         batches = fed.batches(client, server_round, plan)
@@ -74,13 +75,19 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
             update = defend(defenses, {k: v.cpu() for k, v in update.items()},
                             {k: v.cpu() for k, v in global_state.items()}, param_names, ctx)
         used = sum(len(b) for b in batches)
-        metrics = MetricRecord({
-            "num-examples": used if plan.protocol == "fedsgd" else len(fed.shards[client]),
-            "train-loss": loss, "client-id": client, "batch-size": len(batches[0]),
-            "local-steps": len(batches), "lr": plan.lr,
-        })
-        secret = Secret(server_round, client, tuple(batches))
-        return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": metrics,
+        metrics = {"num-examples": used if plan.protocol == "fedsgd" else len(fed.shards[client]),
+                   "train-loss": loss, "client-id": client, "batch-size": len(batches[0]),
+                   "local-steps": len(batches), "lr": plan.lr}
+        return update, metrics, Secret(server_round, client, tuple(batches))
+
+    @app.train(mods=[message_defenses])
+    def train(msg: Message, context: Context) -> Message:
+        if is_legacy_fit(msg):  # SecAgg+ runs on Flower's legacy workflow: FitIns in, FitRes out, no Secret
+            template = federation(context).template.state_dict()
+            return legacy_fit(msg, template, lambda state, config: local_round(context, state, config)[:2])
+        update, metrics, secret = local_round(context, msg.content["arrays"].to_torch_state_dict(),
+                                              msg.content["config"])
+        return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics),
                                    SECRET_RECORD: secret.to_record()}), reply_to=msg)
 
     @app.evaluate()

@@ -198,6 +198,9 @@ class Scenario(Section):
     def _defense_params(self) -> Scenario:
         for i, spec in enumerate(self.defenses):
             _check_defense(spec, f"defenses.{i}", self.training.protocol)
+            why = getattr(_defense_registry().get(spec.name).build, "incompatibility", lambda s: None)(self)
+            if why:
+                raise ValueError(f"scenario key 'defenses.{i}' ({spec.name}): {why}")
         for i, spec in enumerate(self.compare.defenses):
             try:
                 _known_name(_defense_registry(), spec.name)
@@ -208,8 +211,10 @@ class Scenario(Section):
         return self
 
     def attacked(self, server_round: int, client: int) -> bool:
+        """Client -1 is a secure aggregate of the whole round: attacked in every attacked round."""
         tm = self.threat_model
-        return (tm.rounds == "all" or server_round in tm.rounds) and (tm.clients == "all" or client in tm.clients)
+        return (tm.rounds == "all" or server_round in tm.rounds) and (tm.clients == "all" or client in tm.clients
+                                                                         or client == -1)
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The resolved scenario as plain data (None values dropped: TOML has no null)."""

@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from defenses import secure_aggregation
 from fl_sim.client import CLIENT_ID_QUERY, scenario_from_context
 from fl_sim.federation import prepare
 from fl_sim.leakage import LeakageRunner
@@ -42,6 +43,51 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> di
     return mapping
 
 
+class RoundEnd:
+    """What the server does once a round's model is aggregated: test it, attack the round's observations,
+    persist the round (after which it survives a crash), report progress."""
+
+    def __init__(self, scenario: Scenario, store: RunStore, on_round_end: RoundHook | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.fed = prepare(scenario)
+        self.store, self.on_round_end, self.progress = store, on_round_end, progress
+        self.model = self.fed.model()
+        self.leakage = LeakageRunner(scenario, self.fed, store)
+        self.started = time.perf_counter()
+
+    def test(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        self.model.load_state_dict(state)
+        loss, acc, _ = evaluate(self.model, self.fed.data.test, None, self.fed.norm, self.fed.device)
+        return loss, acc
+
+    def __call__(self, record: RoundRecord, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """``record``: the finished round; ``state``: the new global model. Returns (test loss, accuracy)."""
+        loss, acc = self.test(state)
+        self.leakage(record.server_round, record.observations)
+        if self.on_round_end is not None:
+            self.on_round_end(record.server_round, record.observations)
+        train, ev = record.train_metrics, record.eval_metrics
+        self.store.finish_round(record.server_round, {k: v.detach().cpu() for k, v in state.items()}, {
+            "test_loss": loss, "test_acc": acc, "train_loss": train.get("train-loss", np.nan),
+            "eval_loss": ev.get("eval-loss", np.nan), "eval_acc": ev.get("eval-acc", np.nan),
+            "clients": " ".join(map(str, record.clients)), "failures": len(record.failures),
+            "round_seconds": round(time.perf_counter() - self.started, 4),
+            "record_seconds": round(self.store.record_seconds, 4)})
+        self.store.record_seconds = 0.0
+        self.started = time.perf_counter()
+        if self.progress is not None:
+            self.progress(record.server_round)
+        return loss, acc
+
+
+def observed_model(scenario: Scenario) -> ObservedModel:
+    fed, t = prepare(scenario), scenario.training
+    return ObservedModel(
+        protocol=t.protocol, lr=t.lr, param_names=frozenset(n for n, _ in fed.model().named_parameters()),
+        normalization=fed.norm, num_classes=fed.data.num_classes, image_shape=fed.data.shape,
+        optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, batchnorm=t.batchnorm)
+
+
 def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end: RoundHook | None = None,
                    progress: Callable[[int], None] | None = None) -> None:
     """Rounds ``store.last_round + 1 .. rounds``: train, observe, aggregate, evaluate, persist."""
@@ -50,17 +96,10 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
     remaining = scenario.federation.rounds - start
     if remaining <= 0:
         return
-    model = fed.model()
-    initial = store.checkpoint() or {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    initial = store.checkpoint() or {k: v.detach().cpu() for k, v in fed.model().state_dict().items()}
     node_clients = discover_clients(grid, scenario.federation.num_clients)
-    t = scenario.training
-    observed = ObservedModel(
-        protocol=t.protocol, lr=t.lr, param_names=frozenset(n for n, _ in model.named_parameters()),
-        normalization=fed.norm, num_classes=fed.data.num_classes, image_shape=fed.data.shape,
-        optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, batchnorm=t.batchnorm)
-    leakage = LeakageRunner(scenario, fed, store)
+    end = RoundEnd(scenario, store, on_round_end, progress)
     record_all = scenario.threat_model.record == "all"
-    round_started = [time.perf_counter()]
 
     def keep(server_round: int, client: int) -> bool:
         return record_all or scenario.attacked(server_round, client)
@@ -70,7 +109,14 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
         for failure in record.failures:
             log.warning("round %d: client failed: %s", record.server_round, failure)
 
-    strategy = CuriousStrategy(model=observed, node_clients=node_clients,
+    if (secagg := secure_aggregation(scenario.defenses)) is not None:
+        from fl_sim.secagg import run_secagg_rounds
+
+        run_secagg_rounds(grid, scenario, secagg, observed_model(scenario), node_clients, initial, start, on_round,
+                          end)
+        return
+
+    strategy = CuriousStrategy(model=observed_model(scenario), node_clients=node_clients,
                                clients_per_round=scenario.federation.clients_per_round, seed=scenario.seed,
                                observe=keep, on_round=on_round, round_offset=start,
                                evaluate_holdout=scenario.data.holdout_fraction > 0)
@@ -78,25 +124,11 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
     def central_evaluation(local_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Called by Strategy.start after each round's federated evaluation: the round is complete."""
         server_round = local_round + start
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc, _ = evaluate(model, fed.data.test, None, fed.norm, fed.device)
+        state = arrays.to_torch_state_dict()
         if local_round == 0:
-            return MetricRecord({"test-loss": loss, "test-acc": acc})
-        record = strategy.rounds.pop(server_round, RoundRecord(server_round, {}))
-        leakage(server_round, record.observations)
-        if on_round_end is not None:
-            on_round_end(server_round, record.observations)
-        train, ev = record.train_metrics, record.eval_metrics
-        store.finish_round(server_round, {k: v.detach().cpu() for k, v in model.state_dict().items()}, {
-            "test_loss": loss, "test_acc": acc, "train_loss": train.get("train-loss", np.nan),
-            "eval_loss": ev.get("eval-loss", np.nan), "eval_acc": ev.get("eval-acc", np.nan),
-            "clients": " ".join(map(str, record.clients)), "failures": len(record.failures),
-            "round_seconds": round(time.perf_counter() - round_started[0], 4),
-            "record_seconds": round(store.record_seconds, 4)})
-        store.record_seconds = 0.0
-        round_started[0] = time.perf_counter()
-        if progress is not None:
-            progress(server_round)
+            loss, acc = end.test(state)
+        else:
+            loss, acc = end(strategy.rounds.pop(server_round, RoundRecord(server_round, {})), state)
         return MetricRecord({"test-loss": loss, "test-acc": acc})
 
     strategy.start(grid, ArrayRecord({k: torch.as_tensor(v) for k, v in initial.items()}), num_rounds=remaining,

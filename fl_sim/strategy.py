@@ -96,6 +96,12 @@ class ObservedModel:
     batchnorm: str
 
 
+def sample_clients(seed: int, clients: list[int], k: int, server_round: int) -> list[int]:
+    """The round's ``k`` clients, deterministic in (seed, round): the same on every engine and workflow."""
+    rng = np.random.default_rng([seed, 4, server_round])
+    return sorted(int(c) for c in rng.choice(clients, size=k, replace=False))
+
+
 class CuriousStrategy(Strategy):
     """Honest-but-curious wrapper around an aggregation strategy (FedAvg by default)."""
 
@@ -116,10 +122,7 @@ class CuriousStrategy(Strategy):
 
     # --- sampling ---------------------------------------------------------------------------
     def sample_clients(self, server_round: int) -> list[int]:
-        """Deterministic in (seed, round): the same clients on every engine."""
-        clients = sorted(self.node_clients.values())
-        rng = np.random.default_rng([self.seed, 4, server_round])
-        return sorted(int(c) for c in rng.choice(clients, size=self.clients_per_round, replace=False))
+        return sample_clients(self.seed, sorted(self.node_clients.values()), self.clients_per_round, server_round)
 
     def _nodes_for(self, clients: list[int]) -> list[int]:
         by_client = {c: n for n, c in self.node_clients.items()}

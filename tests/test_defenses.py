@@ -13,6 +13,8 @@ import torch
 from defenses import DEFENSES, DefenseContext, Participation, build_defense, defend, defense_label
 from fl_sim.federation import prepare
 from fl_sim.scenario import ComponentSpec, expand_grid, scenario_from_dict
+from fl_sim.store import RunStore
+from fl_sim.training import LocalTraining
 from tests.conftest import run_inprocess, tiny
 
 
@@ -250,3 +252,46 @@ def test_dp_sgd_noise_and_the_model_the_attacker_sees(tmp_path):
     assert noise.std().item() == pytest.approx(1e-6 / 4, rel=0.05)  # σ·C / batch size
     plain = prepare(scenario_from_dict(tiny(model={"name": "convnet"})))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model().modules())  # only dp-sgd fixes it
+
+
+# --- secure aggregation (Flower's SecAgg+) ------------------------------------------------------------------
+def test_secagg_observation_is_the_weighted_mean_of_the_clients_updates(tmp_path, monkeypatch):
+    from fl_sim.engines import InProcessGrid
+    from fl_sim.secret import SECRET_RECORD
+
+    replies = []
+    deliver = InProcessGrid._deliver
+    monkeypatch.setattr(InProcessGrid, "_deliver", lambda self, msg: replies.append(deliver(self, msg)) or replies[-1])
+    federation = {"num_clients": 4, "clients_per_round": 3, "rounds": 2}
+    secure, params = observed(tmp_path, [{"name": "secagg"}], "secagg", federation=federation)
+    assert [(o.server_round, o.client) for o in secure] == [(1, -1), (2, -1)]  # one aggregate per round
+    assert not any(SECRET_RECORD in r.content for r in replies if not r.has_error())  # no Secret reaches it
+    plain, _ = observed(tmp_path, [], "plain", federation=federation)
+    round1 = [o for o in plain if o.server_round == 1]
+    weights = torch.tensor([o.meta.num_examples for o in round1], dtype=torch.float64)
+    assert secure[0].meta.num_examples == int(weights.sum()) == secure[0].meta.batch_size
+    for name in params:
+        mean = sum(w * o.update[name].double() for w, o in zip(weights, round1, strict=True)) / weights.sum()
+        torch.testing.assert_close(secure[0].update[name].double(), mean, atol=2e-5, rtol=0)  # SecAgg+ quantisation
+    store = RunStore.open(tmp_path / "secagg")
+    secret = store.secrets.get(1, -1)
+    fed = prepare(scenario_from_dict(tiny(federation=federation)))
+    plan = LocalTraining.from_scenario(scenario_from_dict(tiny(federation=federation)).training)
+    union = np.concatenate([fed.batches(o.client, 1, plan)[0] for o in round1])
+    assert np.array_equal(secret.batches[0], union)  # scored against the union of the clients' batches
+
+
+def test_secagg_round_is_attacked_as_one_batch_and_scored(tmp_path):
+    raw = tiny(federation={"num_clients": 4, "clients_per_round": 3, "rounds": 1}, defenses=[{"name": "secagg"}],
+               attacks=[{"name": "idlg", "iterations": 5}], metrics=["psnr"])
+    store, _ = run_inprocess(tmp_path, raw)
+    rows = pd.read_csv(store.root / "results.csv")
+    assert set(rows["client"]) == {-1} and rows.loc[rows.metric == "failed", "value"].tolist() == [0.0]
+    assert rows["defense"].str.startswith("secagg(").all()
+    assert (store.root / "reconstructions" / "round-0001" / "idlg-client--001.safetensors").is_file()
+
+
+def test_secagg_needs_three_clients_per_round(write_scenario, cli, tmp_path):
+    code, _, err = cli("run", write_scenario(tiny(defenses=[{"name": "secagg"}],
+                                                  output={"dir": str(tmp_path / "runs")})))
+    assert code == 2 and "SecAgg+ needs at least 3 clients per round" in err
