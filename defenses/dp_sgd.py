@@ -83,4 +83,6 @@ class DpSgd:
         accountant = RDPAccountant()
         steps = max(1, round(p.rounds * p.sample_rate * p.steps_per_round))
         accountant.history = [(self.params.sigma, min(1.0, p.batch_rate), steps)]
-        return float(accountant.get_epsilon(self.params.delta))
+        with warnings.catch_warnings():  # tiny σ: Opacus notes its smallest order is optimal; ε is still valid
+            warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+            return float(accountant.get_epsilon(self.params.delta))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -38,7 +39,9 @@ class GaussianMechanism:
             return math.inf
         accountant = RDPAccountant()
         accountant.history = [(self.params.sigma, p.sample_rate, p.rounds)]
-        return float(accountant.get_epsilon(self.params.delta))
+        with warnings.catch_warnings():  # tiny σ: Opacus notes its smallest order is optimal; ε is still valid
+            warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+            return float(accountant.get_epsilon(self.params.delta))
 
 
 class PruneParams(Params):

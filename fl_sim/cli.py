@@ -227,7 +227,7 @@ def compare(scenario: Path, overrides: tuple[str, ...], out: Path | None, engine
             execute(setting, store, ENGINES.get(setting.engine))
 
     folders = run_comparison(loaded, out, run_setting)
-    click.echo(f"comparison: {build_comparison(out, folders, loaded.compare.metric)}")
+    click.echo(f"comparison: {build_comparison(out, folders, loaded.name, loaded.compare.metric)}")
 
 
 @cli.command(name="list")

@@ -2,12 +2,15 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import tomli_w  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The repository's packages first: opacus's wheel ships a top-level `benchmarks` package of its own.
+sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -160,7 +160,7 @@ def comparison(tmp_path_factory):
                                    {"name": "prune", "ratio": [0.5, 0.9]}]}
     import tomli_w
 
-    (root / "cmp.toml").write_text(tomli_w.dumps(raw))
+    (root / "cmp.toml").write_text(tomli_w.dumps(raw))  # the test below runs it again
     result = CliRunner().invoke(cli, ["compare", str(root / "cmp.toml"), "--out", str(root / "out")],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -295,3 +295,16 @@ def test_secagg_needs_three_clients_per_round(write_scenario, cli, tmp_path):
     code, _, err = cli("run", write_scenario(tiny(defenses=[{"name": "secagg"}],
                                                   output={"dir": str(tmp_path / "runs")})))
     assert code == 2 and "SecAgg+ needs at least 3 clients per round" in err
+
+
+def test_compare_again_keeps_finished_settings(comparison):
+    from click.testing import CliRunner
+
+    from fl_sim.cli import cli
+
+    before = {p: p.stat().st_mtime_ns for p in (comparison / "runs").glob("*/results.csv")}
+    result = CliRunner().invoke(cli, ["compare", str(comparison.parent / "cmp.toml"), "--out", str(comparison)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime_ns for p in (comparison / "runs").glob("*/results.csv")} == before
+    assert (comparison / "comparison.html").is_file()

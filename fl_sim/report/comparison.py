@@ -136,7 +136,7 @@ def setting_grids(settings: list[Setting], attacks: list[str], pairs: int = 4) -
     return pictures
 
 
-def build_comparison(out: Path, run_dirs: list[Path], metric: str = "ssim",
+def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "ssim",
                      rule: RecoveryRule = tables.DEFAULT_RULE) -> Path:
     """comparison.html / .md / .csv in ``out`` from the setting run folders; returns the HTML path."""
     settings = [load_setting(d) for d in run_dirs]
@@ -146,11 +146,12 @@ def build_comparison(out: Path, run_dirs: list[Path], metric: str = "ssim",
     plot = Picture(f"{FILES}/privacy-utility.png", privacy_utility_plot(table, metric, colors),
                    f"{label(metric)} against final test accuracy, one point per defense setting and attack")
     grids = setting_grids(settings, attacks)
+    unavailable = tables.unavailable(pd.concat([s.run.results for s in settings]))
     context = {
-        "title": f"fl-sim defense comparison: {settings[0].run.scenario.name.rsplit('-', 1)[0]}",
+        "title": f"fl-sim defense comparison: {name}",
         "settings": settings, "colors": colors, "plot": plot, "grids": grids, "rule": str(rule),
-        "metric": label(metric), "summary": _display(table, rule), "unavailable":
-            {label(k): v for k, v in tables.unavailable(pd.concat([s.run.results for s in settings])).items()},
+        "metric": label(metric), "summary": _display(table, rule, unavailable),
+        "unavailable": {label(k): v for k, v in unavailable.items()},
         "links": [(s.label, Path(s.run.root).relative_to(out).as_posix() + "/report.html") for s in settings],
     }
     (out / FILES).mkdir(parents=True, exist_ok=True)
@@ -162,16 +163,17 @@ def build_comparison(out: Path, run_dirs: list[Path], metric: str = "ssim",
     return out / "comparison.html"
 
 
-def _display(table: pd.DataFrame, rule: RecoveryRule) -> pd.DataFrame:
+def _display(table: pd.DataFrame, rule: RecoveryRule, unavailable: dict[str, str]) -> pd.DataFrame:
     if table.empty:
         return table
     frame = table[["setting", "attack"]].copy()
     frame["ε"] = ["–" if e is None or (isinstance(e, float) and math.isnan(e)) else
                   ("∞" if math.isinf(e) else f"{e:.3g}") for e in table["epsilon"]]
     for score in SCORES:
-        frame[label(score)] = [
-            "–" if math.isnan(m) else f"{fmt(score, m)}" + ("" if math.isnan(sd) else f" ± {fmt(score, sd)}")
-            for m, sd in zip(table[f"{score}_mean"], table[f"{score}_std"], strict=True)]
+        missing = "unavailable" if score in unavailable else "–"
+        frame[label(score)] = [missing if math.isnan(m) else fmt(score, m) + ("" if math.isnan(sd) else
+                                                                               f" ± {fmt(score, sd)}")
+                               for m, sd in zip(table[f"{score}_mean"], table[f"{score}_std"], strict=True)]
     frame[f"recovered ({rule})"] = [f"{v:.0%}" if not math.isnan(v) else "n/a" for v in table["recovered_fraction"]]
     frame["failed"] = table["failed"]
     frame["final test accuracy (%)"] = [f"{100 * a:.1f}" for a in table["final_test_acc"]]

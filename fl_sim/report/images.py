@@ -31,10 +31,6 @@ class Picture:
     def data_uri(self) -> str:
         return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return Image.open(io.BytesIO(self.png)).size
-
 
 def reconstruction_folder(run_root: Path, server_round: int) -> Path:
     return Path(run_root) / "reconstructions" / f"round-{server_round:04d}"
