@@ -1,6 +1,7 @@
 """Attacks of the curious server: ``reconstruct(observation, model) -> Reconstruction``, by name.
 
-Gradient-matching presets (dlg, idlg, ggi, afgi, raf-gi) share one engine; a scenario entry
+Gradient-matching presets (dlg, idlg, ggi, afgi, raf-gi) share one engine; the pruned-feature
+inversion presets (feature-inversion, -lfw, -l1) another; a scenario entry
 ``{name = "ggi", iterations = 2000}`` overrides any recipe field.
 """
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from attacks.base import Attack, Reconstruction
+from attacks.feature_inversion import FEATURE_PRESETS, FeatureInversion, FeatureRecipe
 from attacks.gradient_inversion import GradientInversion
 from attacks.recipe import PRESETS, Recipe, recipe
 from fl_sim.registry import Registry
@@ -19,6 +21,9 @@ ATTACKS: Registry[AttackFactory] = Registry("attack")
 
 for _preset in PRESETS:
     ATTACKS.add(_preset, lambda params, _p=_preset: GradientInversion(_p, recipe(_p, **params)))
+for _preset, _values in FEATURE_PRESETS.items():
+    ATTACKS.add(_preset, lambda params, _p=_preset, _v=_values: FeatureInversion(
+        _p, FeatureRecipe.model_validate(_v | params)))
 
 LRB_MODELS = ("resnet18", "resnet50")
 
@@ -30,8 +35,8 @@ def build_attack(name: str, params: dict[str, Any]) -> Attack:
 
 def incompatibility(attack: Attack, model_name: str, protocol: str, optimizer: str) -> str | None:
     """What in the scenario this attack cannot work with, stated up front (None if compatible)."""
-    r: Recipe | None = getattr(attack, "recipe", None)
-    if r is None:
+    r = getattr(attack, "recipe", None)
+    if not isinstance(r, Recipe):
         return None
     if r.labels == "lrb" and model_name not in LRB_MODELS:
         return (f"labels = 'lrb' needs the model's last residual block ({', '.join(LRB_MODELS)}), "

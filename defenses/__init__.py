@@ -14,6 +14,7 @@ import torch
 
 from defenses.base import Defense, DefenseContext, Params, Participation, Update, label
 from defenses.dp_sgd import DpSgd, DpSgdParams
+from defenses.features import FeatureNoise, FeatureNoiseParams, FeaturePrune, FeaturePruneParams
 from defenses.local_dp import LocalDp, LocalDpParams
 from defenses.secagg import AGGREGATE_CLIENT, SecAgg, SecAggParams
 from defenses.soteria import Soteria, SoteriaParams
@@ -37,6 +38,8 @@ DEFENSES.add("quantize", DefenseType(QuantizeParams, Quantize, "k-bit uniform or
 DEFENSES.add("soteria", DefenseType(SoteriaParams, Soteria, "prune the representation layer's gradient (Soteria)"))
 DEFENSES.add("dp-sgd", DefenseType(DpSgdParams, DpSgd, "Opacus DP-SGD in local training: per-sample clipping + noise "
                                                       "(BatchNorm models are fixed to GroupNorm)"))
+DEFENSES.add("feature-prune", DefenseType(FeaturePruneParams, FeaturePrune, "shared features: prune to a higher ratio"))
+DEFENSES.add("feature-noise", DefenseType(FeatureNoiseParams, FeatureNoise, "shared features: Gaussian noise σ"))
 DEFENSES.add("secagg", DefenseType(SecAggParams, SecAgg, "Flower's SecAgg+: the server sees only the round's "
                                                         "aggregate, attacked as one batch of all clients' data"))
 DEFENSES.add("local-dp", DefenseType(LocalDpParams, LocalDp, "Flower's LocalDpMod: clip the update, Gaussian noise "

@@ -16,6 +16,7 @@ from torch import nn
 
 from defenses.base import DefenseContext, Params, Update
 from fl_sim.cpu import tuned_for
+from fl_sim.features import last_linear
 
 
 class SoteriaParams(Params):
@@ -38,13 +39,6 @@ class Soteria:
         weight = f"{name}.weight"
         out[weight] = update[weight] * keep.to(update[weight].dtype)[None, :]
         return out
-
-
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("soteria needs a model whose last layer is nn.Linear")
-    return linears[-1]
 
 
 def feature_sensitivity(model: nn.Module, layer: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from defenses import DefenseContext, build_defense, defend
+from fl_sim.features import FEATURES_RECORD, SharedFeatures, penultimate, prune
 from fl_sim.federation import Federation, prepare
 from fl_sim.scenario import Scenario
 from fl_sim.secagg import is_legacy_fit, legacy_fit
@@ -49,8 +50,8 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
         return handler(msg, context)
 
     def local_round(context: Context, global_state: dict[str, torch.Tensor], config: Any
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Secret]:
-        """This client's defended update, its metrics and the Secret (the batches it used)."""
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Secret, SharedFeatures | None]:
+        """This client's defended update, its metrics, the Secret (the batches it used), shared features."""
         fed, client = federation(context), _client(context)
         server_round = int(config["server-round"])
         plan = LocalTraining.from_record(config)
@@ -74,21 +75,28 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
                                  generator=torch.Generator().manual_seed(int(seeds[1])), protocol=plan.protocol)
             update = defend(defenses, {k: v.cpu() for k, v in update.items()},
                             {k: v.cpu() for k, v in global_state.items()}, param_names, ctx)
+        shared = None
+        if current(context).features.share:  # the batch's pruned penultimate features, computed before training
+            shared = share_features(_eval_copy(fed, global_state), fed, batches[0], current(context), defenses,
+                                    torch.Generator().manual_seed(int(seeds[1]) + 1))
         used = sum(len(b) for b in batches)
         metrics = {"num-examples": used if plan.protocol == "fedsgd" else len(fed.shards[client]),
                    "train-loss": loss, "client-id": client, "batch-size": len(batches[0]),
                    "local-steps": len(batches), "lr": plan.lr}
-        return update, metrics, Secret(server_round, client, tuple(batches))
+        return update, metrics, Secret(server_round, client, tuple(batches)), shared
 
     @app.train(mods=[message_defenses])
     def train(msg: Message, context: Context) -> Message:
         if is_legacy_fit(msg):  # SecAgg+ runs on Flower's legacy workflow: FitIns in, FitRes out, no Secret
             template = federation(context).template.state_dict()
             return legacy_fit(msg, template, lambda state, config: local_round(context, state, config)[:2])
-        update, metrics, secret = local_round(context, msg.content["arrays"].to_torch_state_dict(),
-                                              msg.content["config"])
-        return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics),
-                                   SECRET_RECORD: secret.to_record()}), reply_to=msg)
+        update, metrics, secret, shared = local_round(context, msg.content["arrays"].to_torch_state_dict(),
+                                                      msg.content["config"])
+        content = RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics),
+                              SECRET_RECORD: secret.to_record()})
+        if shared is not None:
+            content[FEATURES_RECORD] = ArrayRecord({"values": shared.values, "indices": shared.indices})
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate_holdout(msg: Message, context: Context) -> Message:
@@ -100,6 +108,18 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
                        reply_to=msg)
 
     return app
+
+
+def share_features(model: torch.nn.Module, fed: Federation, batch: np.ndarray, scenario: Scenario,
+                   defenses: list[Any], generator: torch.Generator) -> SharedFeatures:
+    """Features of ``batch`` under the global model, pruned as the scenario says, then feature defenses."""
+    x, _ = fed.data.train.batch(batch)
+    with torch.no_grad():
+        shared = prune(penultimate(model, fed.norm.normalize(x.to(fed.device))).cpu(), scenario.features.prune)
+    for defense in defenses:
+        if getattr(defense, "stage", "") == "features":
+            shared = defense.apply_features(shared, generator)
+    return shared
 
 
 def _eval_copy(fed: Federation, state: dict[str, torch.Tensor]) -> torch.nn.Module:

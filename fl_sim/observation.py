@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from fl_sim.atomic import save_tensors, write_text
 from fl_sim.data.images import Normalization
+from fl_sim.features import SharedFeatures
 
 UpdateKind = Literal["gradient", "weights"]
 
@@ -57,6 +58,7 @@ class Observation:
     num_classes: int
     image_shape: tuple[int, int, int]  # (C, H, W) the model takes
     extras: dict[str, str] = field(default_factory=dict)
+    features: SharedFeatures | None = None  # pruned penultimate features, when the scenario shares them
 
 
 def round_dir(root: Path, server_round: int) -> Path:
@@ -75,9 +77,13 @@ def save_observation(root: Path, obs: Observation) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"client-{obs.client:04d}"
     save_tensors(obs.update, stem.with_suffix(".safetensors"))
+    if obs.features is not None:
+        save_tensors({"values": obs.features.values, "indices": obs.features.indices},
+                     stem.with_suffix(".features.safetensors"))
     info = {"server_round": obs.server_round, "client": obs.client, "kind": obs.kind, "meta": asdict(obs.meta),
             "normalization": asdict(obs.normalization), "num_classes": obs.num_classes,
-            "image_shape": list(obs.image_shape), "extras": obs.extras}
+            "image_shape": list(obs.image_shape), "extras": obs.extras,
+            "features_dim": obs.features.dim if obs.features is not None else None}
     write_text(stem.with_suffix(".json"), json.dumps(info, indent=1))
 
 
@@ -96,10 +102,15 @@ def load_observations(root: Path, rounds: set[int] | None = None, clients: set[i
             info = json.loads(meta_file.read_text())
             if clients is not None and info["client"] not in clients:
                 continue
+            features = None
+            if info.get("features_dim"):
+                shared = load_file(str(meta_file.with_suffix(".features.safetensors")))
+                features = SharedFeatures(shared["values"], shared["indices"], int(info["features_dim"]))
             yield Observation(
                 server_round=info["server_round"], client=info["client"], kind=info["kind"],
                 global_state=global_state, update=load_file(str(meta_file.with_suffix(".safetensors"))),
                 meta=ProtocolMeta(**info["meta"]),
                 normalization=Normalization(**{k: tuple(v) for k, v in info["normalization"].items()}),
-                num_classes=info["num_classes"], image_shape=tuple(info["image_shape"]), extras=info["extras"])
+                num_classes=info["num_classes"], image_shape=tuple(info["image_shape"]), extras=info["extras"],
+                features=features)
 

@@ -109,6 +109,13 @@ class ModelConfig(Section):
         return v
 
 
+class FeaturesConfig(Section):
+    """Clients that also share their batch's penultimate-layer features (inference offload, split training)."""
+
+    share: bool = Field(False, description="each client sends the pruned features of its (first) batch")
+    prune: float = Field(0.0, ge=0, le=0.9, description="fraction of neurons with the lowest activation removed")
+
+
 class ThreatModelConfig(Section):
     record: Literal["attacked", "all"] = Field(
         "attacked", description="which clients' observations the run folder keeps: the attacked ones, or all")
@@ -150,6 +157,7 @@ class Scenario(Section):
     training: TrainingConfig = TrainingConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    features: FeaturesConfig = FeaturesConfig()
     threat_model: ThreatModelConfig = ThreatModelConfig()
     attacks: list[ComponentSpec] = []
     defenses: list[ComponentSpec] = []

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from defenses import secure_aggregation
 from fl_sim.client import CLIENT_ID_QUERY, scenario_from_context
+from fl_sim.features import last_linear
 from fl_sim.federation import prepare
 from fl_sim.leakage import LeakageRunner
 from fl_sim.observation import Observation
@@ -85,7 +86,8 @@ def observed_model(scenario: Scenario) -> ObservedModel:
     return ObservedModel(
         protocol=t.protocol, lr=t.lr, param_names=frozenset(n for n, _ in fed.model().named_parameters()),
         normalization=fed.norm, num_classes=fed.data.num_classes, image_shape=fed.data.shape,
-        optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, batchnorm=t.batchnorm)
+        optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, batchnorm=t.batchnorm,
+        feature_dim=last_linear(fed.model())[1].in_features)
 
 
 def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end: RoundHook | None = None,

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fl_sim.data.images import Normalization
+from fl_sim.features import FEATURES_RECORD, SharedFeatures
 from fl_sim.observation import Observation, ProtocolMeta
 from fl_sim.secret import SECRET_RECORD, Secret
 
@@ -94,6 +95,7 @@ class ObservedModel:
     momentum: float
     weight_decay: float
     batchnorm: str
+    feature_dim: int = 0  # inputs of the last linear layer (what shared features index into)
 
 
 def sample_clients(seed: int, clients: list[int], k: int, server_round: int) -> list[int]:
@@ -148,7 +150,8 @@ class CuriousStrategy(Strategy):
                 kept.append(msg)
                 continue
             secret_record = msg.content.pop(SECRET_RECORD, None)  # evaluation-only channel: never observed
-            obs = self._observation(real, record.global_state, msg.content)
+            features = msg.content.pop(FEATURES_RECORD, None)  # shared features: observed, not aggregated
+            obs = self._observation(real, record.global_state, msg.content, features)
             if self.observe(real, obs.client):
                 record.observations.append(obs)
                 if secret_record is not None:
@@ -181,8 +184,8 @@ class CuriousStrategy(Strategy):
                  type(self.inner).__name__, self.clients_per_round, self.model.protocol)
 
     # --- helpers ----------------------------------------------------------------------------
-    def _observation(self, server_round: int, global_state: dict[str, torch.Tensor], content: RecordDict
-                     ) -> Observation:
+    def _observation(self, server_round: int, global_state: dict[str, torch.Tensor], content: RecordDict,
+                     features: ArrayRecord | None = None) -> Observation:
         [arrays] = content.array_records.values()
         [metrics] = content.metric_records.values()
         m = self.model
@@ -194,7 +197,10 @@ class CuriousStrategy(Strategy):
         return Observation(server_round=server_round, client=int(metrics["client-id"]),
                            kind="gradient" if m.protocol == "fedsgd" else "weights",
                            global_state=global_state, update=dict(arrays.to_torch_state_dict()), meta=meta,
-                           normalization=m.normalization, num_classes=m.num_classes, image_shape=m.image_shape)
+                           normalization=m.normalization, num_classes=m.num_classes, image_shape=m.image_shape,
+                           features=None if features is None else SharedFeatures(
+                               *(torch.from_numpy(features[k].numpy().copy()) for k in ("values", "indices")),
+                               m.feature_dim))
 
     def _fedsgd_step(self, sent: ArrayRecord, mean: ArrayRecord) -> ArrayRecord:
         """θ ← θ − lr · (weighted mean gradient) for parameters; buffers take the weighted mean."""
