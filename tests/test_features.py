@@ -116,3 +116,21 @@ def test_feature_presets_are_the_papers():
     lfw = build_attack("feature-inversion-lfw", {}).recipe
     assert (lfw.alpha_six, lfw.alpha_tv) == (1e-9, 5e-7)
     assert build_attack("feature-inversion-l1", {}).recipe.distance == "l1"
+
+
+def test_a_pruning_sweep_gets_its_figure(tmp_path, write_scenario):
+    from click.testing import CliRunner
+
+    from fl_sim.cli import cli
+
+    raw = tiny(name="sweep", federation={"num_clients": 2, "clients_per_round": 2, "rounds": 1},
+               training={"batch_size": 1}, features={"share": True},
+               attacks=[{"name": "feature-inversion", "iterations": 30}], metrics=["psnr", "ssim", "mse"])
+    raw["compare"] = {"baseline": False, "defenses": [{"name": "feature-prune", "ratio": [0.0, 0.5, 0.9]}]}
+    result = CliRunner().invoke(cli, ["compare", str(write_scenario(raw)), "--out", str(tmp_path / "out")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "out" / "comparison.html").read_text()
+    assert "Leakage against the swept parameter" in html and (tmp_path / "out/comparison-files/sweep.png").is_file()
+    table = pd.read_csv(tmp_path / "out" / "comparison.csv")
+    assert list(table["setting"]) == [f"feature-prune(ratio={r:g})" for r in (0.0, 0.5, 0.9)]

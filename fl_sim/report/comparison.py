@@ -111,6 +111,37 @@ def privacy_utility_plot(table: pd.DataFrame, metric: str, colors: dict[str, str
     return png(fig)
 
 
+def swept_parameter(settings: list[Setting]) -> tuple[str, str, dict[str, float]] | None:
+    """(defense, parameter, setting label → value) when the non-baseline settings are one defense whose one
+    numeric parameter varies (a sweep); None otherwise."""
+    specs = [s.run.scenario.defenses for s in settings if s.label != "none"]
+    if len(specs) < 2 or any(len(d) != 1 for d in specs) or len({d[0].name for d in specs}) != 1:
+        return None
+    keys = {k for d in specs for k in d[0].params}
+    varying = [k for k in keys if len({repr(d[0].params.get(k)) for d in specs}) > 1]
+    values = [d[0].params.get(varying[0]) for d in specs] if len(varying) == 1 else []
+    if not values or not all(isinstance(v, int | float) for v in values):
+        return None
+    labels = [s.label for s in settings if s.label != "none"]
+    return specs[0][0].name, varying[0], dict(zip(labels, map(float, values), strict=True))
+
+
+def sweep_plot(table: pd.DataFrame, sweep: tuple[str, str, dict[str, float]], colors: dict[str, str]) -> bytes:
+    """MSE, SSIM and PSNR (mean ± std over the reconstructions) against the swept parameter, per attack."""
+    name, key, values = sweep
+    rows = table[table["setting"].isin(values)].assign(x=lambda t: t["setting"].map(values)).sort_values("x")
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
+    for ax, score in zip(axes, ("mse", "ssim", "psnr"), strict=True):
+        for attack, line in rows.groupby("attack"):
+            ax.errorbar(line["x"], line[f"{score}_mean"], yerr=line[f"{score}_std"], marker="o", ms=4, capsize=3,
+                        color=colors[attack], label=attack)
+        ax.set_xlabel(f"{name} {key}")
+        ax.set_ylabel(label(score))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title="attack (mean ± std)", title_fontsize=8)
+    return png(fig)
+
+
 def setting_grids(settings: list[Setting], attacks: list[str], pairs: int = 4) -> list[Picture]:
     """Per attack: ground truth, then each setting's reconstruction of the same (round, client) batches."""
     pictures = []
@@ -146,16 +177,20 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
     plot = Picture(f"{FILES}/privacy-utility.png", privacy_utility_plot(table, metric, colors),
                    f"{label(metric)} against final test accuracy, one point per defense setting and attack")
     grids = setting_grids(settings, attacks)
+    sweep = swept_parameter(settings)
+    sweep_picture = None if sweep is None or table.empty else Picture(
+        f"{FILES}/sweep.png", sweep_plot(table, sweep, colors),
+        f"MSE, SSIM and PSNR against {sweep[0]} {sweep[1]} (mean ± std over the reconstructions)")
     unavailable = tables.unavailable(pd.concat([s.run.results for s in settings]))
     context = {
         "title": f"fl-sim defense comparison: {name}",
-        "settings": settings, "colors": colors, "plot": plot, "grids": grids, "rule": str(rule),
+        "settings": settings, "colors": colors, "plot": plot, "grids": grids, "rule": str(rule), "sweep": sweep_picture,
         "metric": label(metric), "summary": _display(table, rule, unavailable),
         "unavailable": {label(k): v for k, v in unavailable.items()},
         "links": [(s.label, Path(s.run.root).relative_to(out).as_posix() + "/report.html") for s in settings],
     }
     (out / FILES).mkdir(parents=True, exist_ok=True)
-    for picture in [plot, *grids]:
+    for picture in [plot, *grids, *([sweep_picture] if sweep_picture else [])]:
         (out / picture.file).write_bytes(picture.png)
     table.to_csv(out / "comparison.csv", index=False)
     write_text(out / "comparison.md", render_markdown(context, "comparison.md.j2"))
