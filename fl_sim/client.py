@@ -76,7 +76,7 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
             update = defend(defenses, {k: v.cpu() for k, v in update.items()},
                             {k: v.cpu() for k, v in global_state.items()}, param_names, ctx)
         shared = None
-        if current(context).features.share:  # the batch's pruned penultimate features, computed before training
+        if current(context).features.share:  # pruned penultimate features of the batch under the received model
             shared = share_features(_eval_copy(fed, global_state), fed, batches[0], current(context), defenses,
                                     torch.Generator().manual_seed(int(seeds[1]) + 1))
         used = sum(len(b) for b in batches)

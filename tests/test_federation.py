@@ -124,7 +124,7 @@ def test_attack_code_never_imports_secret_or_data_modules():
 def test_observation_carries_no_secret(tmp_path):
     fields = {f.name for f in dataclasses.fields(Observation)}
     assert fields == {"server_round", "client", "kind", "global_state", "update", "meta", "normalization",
-                      "num_classes", "image_shape", "extras"}
+                      "num_classes", "image_shape", "extras", "features"}  # features: what a client chose to send
     store, seen = run(tmp_path, tiny())
     params = {n for n, _ in prepare(scenario_from_dict(tiny())).model().named_parameters()}
     assert set(seen[0].update) == params  # LeNet has no buffers: only the gradient, no indices
