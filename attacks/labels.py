@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fl_sim import features
 from fl_sim.registry import Registry
 
 
@@ -41,10 +42,10 @@ class LabelParams:
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     """(name, module) of the classifier: the last nn.Linear in module order."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise LabelRecoveryError("label recovery needs a model whose last layer is nn.Linear")
-    return linears[-1]
+    try:
+        return features.last_linear(model)
+    except ValueError:
+        raise LabelRecoveryError("label recovery needs a model whose last layer is nn.Linear") from None
 
 
 @LABEL_STRATEGIES.register("idlg")

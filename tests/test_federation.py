@@ -115,8 +115,9 @@ def test_attack_code_never_imports_secret_or_data_modules():
     for path in (ROOT / "attacks").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)  # from m import x: m and m.x
+                     else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert not any(name == f or name.startswith(f + ".") for f in FORBIDDEN_FOR_ATTACKS), (path, name)
 
