@@ -7,6 +7,8 @@ Buffers (BatchNorm running statistics) pass through unchanged.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -59,3 +61,17 @@ def label(name: str, params: BaseModel, given: Iterable[str] = ()) -> str:
     values = params.model_dump()
     shown = {k: values[k] for k in given if k in values} or values
     return f"{name}({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in shown.items())})"
+
+
+def rdp_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε at ``delta`` of ``steps`` subsampled Gaussian releases (noise multiplier ``sigma``), Opacus's RDP
+    accountant; ∞ without noise."""
+    from opacus.accountants import RDPAccountant
+
+    if sigma == 0:
+        return math.inf
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, min(1.0, sample_rate), steps)]
+    with warnings.catch_warnings():  # tiny σ: Opacus notes its smallest order is optimal; ε is still valid
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+        return float(accountant.get_epsilon(delta))

@@ -9,7 +9,6 @@ attacker — sees is that fixed model, for every client and round.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from defenses.base import Params, Participation, Update
+from defenses.base import Params, Participation, Update, rdp_epsilon
 
 
 class DpSgdParams(Params):
@@ -76,13 +75,5 @@ class DpSgd:
     def epsilon(self, p: Participation) -> float:
         """Example-level ε at δ: ``rounds × sample_rate`` expected participations of ``steps_per_round``
         DP-SGD steps, each sampling a ``batch_rate`` fraction of the shard (Opacus's RDP accountant)."""
-        from opacus.accountants import RDPAccountant
-
-        if self.params.sigma == 0:
-            return math.inf
-        accountant = RDPAccountant()
         steps = max(1, round(p.rounds * p.sample_rate * p.steps_per_round))
-        accountant.history = [(self.params.sigma, min(1.0, p.batch_rate), steps)]
-        with warnings.catch_warnings():  # tiny σ: Opacus notes its smallest order is optimal; ε is still valid
-            warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
-            return float(accountant.get_epsilon(self.params.delta))
+        return rdp_epsilon(self.params.sigma, p.batch_rate, steps, self.params.delta)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, Params, Participation, Update
+from defenses.base import DefenseContext, Params, Participation, Update, rdp_epsilon
 
 
 class GaussianParams(Params):
@@ -33,15 +32,7 @@ class GaussianMechanism:
 
     def epsilon(self, p: Participation) -> float:
         """Client-level ε at δ after ``p.rounds`` rounds, clients sampled with ``p.sample_rate`` (Opacus RDP)."""
-        from opacus.accountants import RDPAccountant
-
-        if self.params.sigma == 0:
-            return math.inf
-        accountant = RDPAccountant()
-        accountant.history = [(self.params.sigma, p.sample_rate, p.rounds)]
-        with warnings.catch_warnings():  # tiny σ: Opacus notes its smallest order is optimal; ε is still valid
-            warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
-            return float(accountant.get_epsilon(self.params.delta))
+        return rdp_epsilon(self.params.sigma, p.sample_rate, p.rounds, self.params.delta)
 
 
 class PruneParams(Params):

@@ -52,7 +52,8 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
     def local_round(context: Context, global_state: dict[str, torch.Tensor], config: Any
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Secret, SharedFeatures | None]:
         """This client's defended update, its metrics, the Secret (the batches it used), shared features."""
-        fed, client = federation(context), _client(context)
+        scenario_now = current(context)  # read once: with `flwr run` it comes from the run-config file
+        fed, client = prepare(scenario_now), _client(context)
         server_round = int(config["server-round"])
         plan = LocalTraining.from_record(config)
         model = fed.model()
@@ -61,7 +62,7 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
         batches = fed.batches(client, server_round, plan)
         seeds = np.random.SeedSequence([fed.scenario.seed, client, server_round]).generate_state(2)
         torch.manual_seed(int(seeds[0]))
-        defenses = [build_defense(d.name, d.params) for d in current(context).defenses]
+        defenses = [build_defense(d.name, d.params) for d in scenario_now.defenses]
         trainer = next((d for d in defenses if getattr(d, "stage", "") == "training"), None)
         if trainer is not None:  # dp-sgd: the defense is the local optimisation itself
             update, loss = trainer.local_update(model, fed.data.train, batches, plan, fed.norm, fed.device,
@@ -76,8 +77,8 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
             update = defend(defenses, {k: v.cpu() for k, v in update.items()},
                             {k: v.cpu() for k, v in global_state.items()}, param_names, ctx)
         shared = None
-        if current(context).features.share:  # pruned penultimate features of the batch under the received model
-            shared = share_features(_eval_copy(fed, global_state), fed, batches[0], current(context), defenses,
+        if scenario_now.features.share:  # pruned penultimate features of the batch under the received model
+            shared = share_features(_eval_copy(fed, global_state), fed, batches[0], scenario_now, defenses,
                                     torch.Generator().manual_seed(int(seeds[1]) + 1))
         used = sum(len(b) for b in batches)
         metrics = {"num-examples": used if plan.protocol == "fedsgd" else len(fed.shards[client]),
