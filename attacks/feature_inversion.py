@@ -45,6 +45,9 @@ FEATURE_PRESETS: dict[str, dict[str, object]] = {
     "feature-inversion": {},  # MNIST / CIFAR-100: α_L2 1e3, α_six 1e-7, α_TV 1e-4, lr 0.01, 2000 iterations
     "feature-inversion-lfw": {"alpha_six": 1e-9, "alpha_tv": 5e-7},
     "feature-inversion-l1": {"distance": "l1"},
+    # ours, not the paper's: its lr 0.01 has not converged after 2000 steps on the DLG LeNet and its
+    # α_TV then dominates the loss; lr 0.1 and α_TV 1e-5 reach > 28 dB on unpruned MNIST features
+    "feature-inversion-tuned": {"lr": 0.1, "alpha_tv": 1e-5},
 }
 
 
