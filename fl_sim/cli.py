@@ -48,15 +48,21 @@ def cli() -> None:
               help="Override a scenario key, e.g. --set federation.rounds=5 (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run folder (default runs/<name>-<time>).")
-@click.option("--engine", type=click.Choice(["inprocess", "simulation"]), help="Override the scenario's engine.")
+@click.option("--engine", type=click.Choice(["inprocess", "simulation", "deployment"]),
+              help="Override the scenario's engine; deployment submits to --superlink.")
+@click.option("--superlink", metavar="HOST:PORT", help="With --engine deployment: a running SuperLink.")
+@click.option("--root-certificates", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --superlink: the CA certificate to verify it by (TLS); without, the connection is insecure.")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue an unfinished run folder.")
 @click.option("-v", "--verbose", count=True, help="More logs on the console (-v: info, -vv: debug).")
 def run(scenario: Path | None, overrides: tuple[str, ...], out: Path | None, engine: str | None,
-        resume: Path | None, verbose: int) -> None:
+        superlink: str | None, root_certificates: Path | None, resume: Path | None, verbose: int) -> None:
     """Run a federation from a SCENARIO file and record what the server observes."""
     from fl_sim.logs import configure_console
 
     configure_console(verbose)
+    if engine == "deployment" or superlink is not None:
+        return submit_to_superlink(scenario, list(overrides), out, superlink, root_certificates, resume)
     from fl_sim.engines import ENGINES
     from fl_sim.federation import prepare
     from fl_sim.scenario import load_scenario
@@ -115,6 +121,86 @@ def execute(scenario: Scenario, store: RunStore, engine: Engine) -> None:
     store.end("finished" if store.last_round >= rounds else "incomplete")
     if (report := report_after_run(store.root)) is not None:
         click.echo(f"report: {report}")
+
+
+def submit_to_superlink(scenario: Path | None, overrides: list[str], out: Path | None, superlink: str | None,
+                        root_certificates: Path | None, resume: Path | None) -> None:
+    """`fl-sim run --engine deployment --superlink HOST:PORT`: the run folder is written where the ServerApp runs."""
+    import tempfile
+
+    from fl_sim.deploy import check_address, scenario_text, submit
+
+    if superlink is None:
+        raise UserInputError("--engine deployment needs --superlink HOST:PORT (or use fl-sim deploy for a local one)")
+    if resume is not None or scenario is None:
+        raise UserInputError("--engine deployment takes a SCENARIO file (no --resume)")
+    if root_certificates is not None and not root_certificates.is_file():
+        raise UserInputError(f"--root-certificates '{root_certificates}' is not a file")
+    text, _ = scenario_text(scenario, overrides)
+    with tempfile.TemporaryDirectory(prefix="fl-sim-submit-") as work:
+        code = submit(Path(work), check_address(superlink), text, overrides, out, root_certificates)
+    where = out or "runs/<name>-<time>"
+    click.echo(f"run folder (on the ServerApp's machine): {where}")
+    if code != 0:
+        raise SystemExit(code)
+
+
+@cli.command()
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--nodes", type=click.IntRange(min=1), help="SuperNodes, one per client (sets federation.num_clients; "
+              "default: the scenario's).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a scenario key (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder (default runs/<name>-<time>).")
+@click.option("--certificates", type=click.Path(file_okay=False, path_type=Path),
+              help="TLS: a folder with ca.crt, server.pem, server.key (fl-sim certificates); default: --insecure.")
+def deploy(scenario: Path, nodes: int | None, overrides: tuple[str, ...], out: Path | None,
+           certificates: Path | None) -> None:
+    """Run SCENARIO on Flower's Deployment Engine: a SuperLink and one SuperNode per client as local processes."""
+    from fl_sim.deploy import Tls, deploy_locally
+
+    tls = Tls(certificates).check() if certificates is not None else None
+    try:
+        folder, status = deploy_locally(scenario, list(overrides), nodes, out, tls)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: every deployment process is stopped; finished rounds are kept in the run folder",
+                   err=True)
+        raise SystemExit(130) from None
+    click.echo(f"run folder: {folder}")
+    if (folder / "report.html").is_file():
+        click.echo(f"report: {folder / 'report.html'}")
+    if status != "finished":
+        click.echo(f"error: the deployed run ended '{status}'; the processes' logs are in {folder / 'deploy-logs'}",
+                   err=True)
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--nodes", type=click.IntRange(min=1), required=True, help="SuperNodes (one per client).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="Folder for docker-compose.yml and its TLS and GPU overlays.")
+def compose(nodes: int, out: Path) -> None:
+    """Write docker-compose.yml (+ .tls / .gpu overlays) for a SuperLink, the ServerApp and NODES SuperNodes."""
+    from fl_sim.compose import write
+
+    for path in write(out, nodes):
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--nodes", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Name supernode-0 .. supernode-(N-1) (docker-compose's services) in the certificate.")
+@click.option("--host", "hosts", multiple=True, metavar="NAME", help="Another DNS name or IP the APIs are reached at.")
+def certificates(folder: Path, nodes: int, hosts: tuple[str, ...]) -> None:
+    """Write a CA and a server certificate for TLS deployments into FOLDER (prototyping only)."""
+    from fl_sim.certificates import default_names, write_certificates
+
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"FOLDER '{folder}' is a file; give a folder")
+    names = default_names(nodes) + list(hosts)
+    tls = write_certificates(folder, names)
+    click.echo(f"wrote {tls.ca}, {tls.cert}, {tls.key} for {', '.join(names)}")
 
 
 @cli.command()

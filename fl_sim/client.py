@@ -134,17 +134,21 @@ def _client(context: Context) -> int:
 
 
 def scenario_from_context(context: Context) -> Scenario:
-    """The scenario named by the Flower run-config (``[tool.flwr.app.config] scenario = "..."``)."""
+    """The scenario of a `flwr run`: the TOML text in run-config ``scenario-text`` (what ``fl-sim deploy``
+    sends, so no file has to exist where the apps run) or the file ``scenario``, relative to the working
+    directory or the app folder; ``overrides`` is a ';'-separated list of section.key=value."""
     from pathlib import Path
 
-    from fl_sim.scenario import load_scenario
+    from fl_sim.scenario import load_scenario, scenario_from_toml
 
-    path = Path(str(context.run_config["scenario"]))
+    config = context.run_config
+    overrides = [s for s in str(config.get("overrides", "")).split(";") if s.strip()]
+    if text := str(config.get("scenario-text", "")):
+        return scenario_from_toml(text, overrides)
+    path = Path(str(config["scenario"]))
     if not path.is_absolute() and not path.exists():
-        path = Path(__file__).resolve().parents[1] / path  # relative to the app folder (repo or FAB)
-    overrides = [s for s in str(context.run_config.get("overrides", "")).split(";") if s.strip()]
+        path = Path(__file__).resolve().parents[1] / path  # relative to the app folder (a checkout)
     return load_scenario(path, overrides)
-
 
 
 app = build_client_app()

@@ -289,12 +289,20 @@ def load_scenario(path: str | os.PathLike[str], overrides: list[str] | tuple[str
     if not path.is_file():
         raise ScenarioError(f"scenario file '{path}' does not exist")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ScenarioError(f"scenario file '{path}' is not valid TOML: {err}") from None
+        text = path.read_text()
     except UnicodeDecodeError:
         raise ScenarioError(f"scenario file '{path}' is not UTF-8 text") from None
-    raw.setdefault("name", path.stem)
+    return scenario_from_toml(text, overrides, name=path.stem, source=f"scenario file '{path}'")
+
+
+def scenario_from_toml(text: str, overrides: list[str] | tuple[str, ...] = (), name: str = "scenario",
+                       source: str = "the scenario") -> Scenario:
+    """A scenario from TOML text (``name`` when it sets none); ScenarioError on any problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{source} is not valid TOML: {err}") from None
+    raw.setdefault("name", name)
     return scenario_from_dict(raw, overrides)
 
 

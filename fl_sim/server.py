@@ -17,6 +17,7 @@ from fl_sim.client import CLIENT_ID_QUERY, scenario_from_context
 from fl_sim.features import last_linear
 from fl_sim.federation import prepare
 from fl_sim.leakage import LeakageRunner
+from fl_sim.logs import run_log
 from fl_sim.observation import Observation
 from fl_sim.report import report_after_run
 from fl_sim.scenario import Scenario
@@ -146,14 +147,25 @@ def build_server_app(scenario: Scenario | None = None, store: RunStore | None = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_scenario = scenario if scenario is not None else scenario_from_context(context)
-        run_store = store
-        if run_store is None:
-            out = context.run_config.get("out")
-            run_store = RunStore.create(run_scenario, Path(str(out)) if out else None)
-        run_federation(grid, run_scenario, run_store, progress=progress)
-        run_store.end("finished")
-        report_after_run(run_store.root)
+        if store is not None and scenario is not None:
+            run_federation(grid, scenario, store, progress=progress)
+            store.end("finished")
+            report_after_run(store.root)
+            return
+        run_scenario = scenario_from_context(context)  # `flwr run` / fl-sim deploy: its own run folder and log
+        out = context.run_config.get("out")
+        run_store = RunStore.create(run_scenario, Path(str(out)) if out else None)
+        with run_log(run_store.root):
+            try:
+                run_federation(grid, run_scenario, run_store, progress=progress)
+            except BaseException:
+                run_store.end("failed")
+                log.exception("run failed")
+                raise
+            else:
+                run_store.end("finished" if run_store.last_round >= run_scenario.federation.rounds else "incomplete")
+            finally:
+                report_after_run(run_store.root)
 
     return app
 

@@ -104,6 +104,14 @@ def sample_clients(seed: int, clients: list[int], k: int, server_round: int) -> 
     return sorted(int(c) for c in rng.choice(clients, size=k, replace=False))
 
 
+def failure_lines(sampled: list[int], replied: set[int], errors: list[tuple[int | None, str]]) -> list[str]:
+    """'client C: reason' per failed reply; errors without a known client go to the sampled clients that
+    neither replied nor failed by name, in order."""
+    unnamed = [c for c in sampled if c not in replied and c not in {e[0] for e in errors}]
+    return [f"client {c if c is not None else (unnamed.pop(0) if unnamed else '?')}: {reason}"
+            for c, reason in errors]
+
+
 class CuriousStrategy(Strategy):
     """Honest-but-curious wrapper around an aggregation strategy (FedAvg by default)."""
 
@@ -143,21 +151,25 @@ class CuriousStrategy(Strategy):
         real = server_round + self.round_offset
         sent = self._sent.pop(real)
         record = RoundRecord(real, sent.to_torch_state_dict(), clients=self._sampled.pop(real))
-        kept: list[Message] = []
+        kept: list[tuple[int, Message]] = []  # (client, reply), aggregated in client order: the transport's
+        errors: list[tuple[int | None, str]] = []  # reply order must not change the float sums
+        replied: set[int] = set()
         for msg in replies:
-            if msg.has_error():
-                record.failures.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
-                kept.append(msg)
+            if msg.has_error():  # a SuperLink-made error (node unavailable) comes from node 0
+                errors.append((self.node_clients.get(msg.metadata.src_node_id), msg.error.reason))
+                kept.append((-1, msg))
                 continue
             secret_record = msg.content.pop(SECRET_RECORD, None)  # evaluation-only channel: never observed
             features = msg.content.pop(FEATURES_RECORD, None)  # shared features: observed, not aggregated
             obs = self._observation(real, record.global_state, msg.content, features)
+            replied.add(obs.client)
             if self.observe(real, obs.client):
                 record.observations.append(obs)
                 if secret_record is not None:
                     record.secrets.append(Secret.from_record(real, obs.client, secret_record))
-            kept.append(msg)
-        arrays, metrics = self.inner.aggregate_train(real, kept)
+            kept.append((obs.client, msg))
+        record.failures = failure_lines(record.clients, replied, errors)
+        arrays, metrics = self.inner.aggregate_train(real, [m for _, m in sorted(kept, key=lambda cm: cm[0])])
         if arrays is not None and self.model.protocol == "fedsgd":
             arrays = self._fedsgd_step(sent, arrays)
         record.train_metrics = dict(metrics or {})
@@ -174,7 +186,8 @@ class CuriousStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         real = server_round + self.round_offset
-        metrics = self.inner.aggregate_evaluate(real, replies)
+        ordered = sorted(replies, key=lambda m: self.node_clients.get(m.metadata.src_node_id, -1))
+        metrics = self.inner.aggregate_evaluate(real, ordered)
         if real in self.rounds:
             self.rounds[real].eval_metrics = dict(metrics or {})
         return metrics
