@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.base import Reconstruction
+from attacks.batched import BatchedMatching, Problem, unbatchable
 from attacks.edges import EdgePrior, baseline_point
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelRecoveryError, LabelSignal, last_linear
 from attacks.matching import GradientDistance
@@ -93,6 +94,53 @@ class GradientInversion:
         found = best.label_logits.argmax(-1) if best.label_logits is not None else labels
         return Reconstruction(images, None if found is None else found.cpu(), r.labels, best.trace, best.iterations,
                               time.perf_counter() - start, None if good else best.failure)
+
+    def reconstruct_many(self, observations: list[Observation], model: nn.Module) -> list[Reconstruction]:
+        """Every observation of one round, all restarts included, as one batched optimisation when the
+        recipe allows it (attacks.batched); otherwise one by one. Same results either way."""
+        if len(observations) * self.recipe.restarts < 2 or unbatchable(self.recipe, observations, model) is not None:
+            return [self.reconstruct(obs, model) for obs in observations]
+        device = next(model.parameters()).device
+        with tuned_for(model, device):
+            return self._reconstruct_batched(observations, model, device)
+
+    def _reconstruct_batched(self, observations: list[Observation], model: nn.Module,
+                             device: torch.device) -> list[Reconstruction]:
+        start, r = time.perf_counter(), self.recipe
+        problems: list[Problem] = []
+        owners: list[int] = []
+        failures: dict[int, Reconstruction] = {}
+        priors: list[tuple[float, Regularizer]] = []
+        for i, obs in enumerate(observations):
+            try:
+                sim = ClientSimulator(model, obs, device)
+                labels = self._labels(sim, obs, None)
+            except (UnsupportedObservation, LabelRecoveryError) as err:
+                failures[i] = Reconstruction(torch.zeros(0, *obs.image_shape), None, r.labels, failure=str(err))
+                continue
+            priors = self._priors(sim, obs)
+            for k in range(r.restarts):
+                gen = torch.Generator().manual_seed(start_seed(r.seed, k, obs))
+                z0 = self._init(sim.num_images, obs, gen)
+                logits0 = torch.randn(sim.num_images, obs.num_classes, generator=gen) if r.labels == "joint" else None
+                problems.append(Problem(sim.target, labels, z0, logits0))
+                owners.append(i)
+        trials = BatchedMatching(model, observations[0], r, priors, device).solve(problems) if problems else []
+        seconds = (time.perf_counter() - start) / len(observations)
+        out: list[Reconstruction] = []
+        for i, obs in enumerate(observations):
+            if i in failures:
+                out.append(failures[i])
+                continue
+            mine = [t for t, owner in zip(trials, owners, strict=True) if owner == i]
+            good = [t for t in mine if t.failure is None]
+            best = min(good, key=lambda t: t.loss) if good else mine[0]
+            labels = problems[owners.index(i)].labels
+            found = best.label_logits.argmax(-1) if best.label_logits is not None else labels
+            out.append(Reconstruction(obs.normalization.denormalize(best.z).clamp(0, 1).cpu(),
+                                      None if found is None else found.cpu(), r.labels, best.trace, best.iterations,
+                                      seconds, None if good else best.failure))
+        return out
 
     def _labels(self, sim: ClientSimulator, obs: Observation, oracle: torch.Tensor | None) -> torch.Tensor | None:
         r = self.recipe

@@ -14,20 +14,30 @@ def layer_weights(n: int, scheme: str) -> list[float]:
     return [1.0] * n
 
 
+def gradient_distance(trial: list[torch.Tensor], target: list[torch.Tensor], weights: list[float], loss: str,
+                      target_norm: torch.Tensor) -> torch.Tensor:
+    """The distance between a trial gradient and the target (lists of per-layer tensors), a scalar."""
+    pairs = zip(weights, trial, target, strict=True)
+    if loss == "l2":
+        return sum(w * (g - t).pow(2).sum() for w, g, t in pairs)
+    dot, trial_sq = 0.0, 0.0
+    for w, g, t in pairs:
+        dot = dot + w * (g * t).sum()
+        trial_sq = trial_sq + w * g.pow(2).sum()
+    return 1 - dot / (torch.sqrt(trial_sq) * target_norm).clamp_min(1e-30)
+
+
+def weighted_norm(target: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    return torch.sqrt(sum(w * t.pow(2).sum() for w, t in zip(weights, target, strict=True)))
+
+
 class GradientDistance:
     """``l2``: Σ_l w_l ‖g'_l − g_l‖²; ``cosine``: 1 − Σ w_l⟨g'_l, g_l⟩ / (√Σ w_l‖g'_l‖² · √Σ w_l‖g_l‖²)."""
 
     def __init__(self, target: list[torch.Tensor], loss: str, weights: str) -> None:
         self.target, self.loss = [t.detach() for t in target], loss
         self.weights = layer_weights(len(target), weights)
-        self.target_norm = torch.sqrt(sum(w * t.pow(2).sum() for w, t in zip(self.weights, self.target, strict=True)))
+        self.target_norm = weighted_norm(self.target, self.weights)
 
     def __call__(self, trial: list[torch.Tensor]) -> torch.Tensor:
-        pairs = zip(self.weights, trial, self.target, strict=True)
-        if self.loss == "l2":
-            return sum(w * (g - t).pow(2).sum() for w, g, t in pairs)
-        dot, trial_sq = 0.0, 0.0
-        for w, g, t in pairs:
-            dot = dot + w * (g * t).sum()
-            trial_sq = trial_sq + w * g.pow(2).sum()
-        return 1 - dot / (torch.sqrt(trial_sq) * self.target_norm).clamp_min(1e-30)
+        return gradient_distance(trial, self.target, self.weights, self.loss, self.target_norm)

@@ -79,10 +79,13 @@ class LeakageRunner:
         if not targets or not self.attacks:
             return
         rows: list[dict[str, Any]] = []
+        truth = {o.client: self.store.secrets.get(server_round, o.client).examples(self.fed.data.train)
+                 for o in targets}
+        batched = {named.name: self._reconstruct_many(named, targets) for named in self.attacks}
         for obs in targets:
-            gt_images, gt_labels = self.store.secrets.get(server_round, obs.client).examples(self.fed.data.train)
+            gt_images, gt_labels = truth[obs.client]
             for named in self.attacks:
-                rec = self._reconstruct(named, obs, gt_labels)
+                rec = batched[named.name].get(obs.client) or self._reconstruct(named, obs, gt_labels)
                 if rec.failure:
                     log.warning("round %d client %d: %s failed: %s", server_round, obs.client, named.name, rec.failure)
                 pairing = pair(rec.images, gt_images) if rec.failure is None and len(rec.images) else None
@@ -92,6 +95,19 @@ class LeakageRunner:
                 rows += [base | row for row in score(rec, gt_images, gt_labels, self.scenario.metrics, pairing)]
         self.store.append_results(rows)
         self.write_grid(server_round)
+
+    def _reconstruct_many(self, named: NamedAttack, targets: list[Observation]) -> dict[int, Reconstruction]:
+        """client → reconstruction, for attacks that solve a round's clients as one batch (else empty:
+        they run one by one). A batch that raises falls back to one by one."""
+        many = getattr(named.attack, "reconstruct_many", None)
+        if many is None or named.oracle or len(targets) < 2:
+            return {}
+        try:
+            return {o.client: rec for o, rec in zip(targets, many(targets, self.fed.model()), strict=True)}
+        except Exception:  # noqa: BLE001 - the one-by-one path records each client's own failure
+            log.exception("round %d: batched %s raised; attacking the clients one by one",
+                          targets[0].server_round, named.name)
+            return {}
 
     def _reconstruct(self, named: NamedAttack, obs: Observation, gt_labels: torch.Tensor) -> Reconstruction:
         """An attack that raises is a failed attack (traceback in run.log), not a failed run."""
