@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import attacks.batched
 import attacks.matching
 from attacks import build_attack
 from fl_sim.data.images import Normalization
@@ -70,8 +71,11 @@ def test_attacks_run_inside_the_federation_and_rows_land_in_results(tmp_path):
 
 
 def test_a_diverging_attack_is_recorded_failed_and_the_run_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(attacks.matching.GradientDistance, "__call__",
-                        lambda self, trial: sum(t.sum() for t in trial) * float("nan"))
+    def nan_distance(trial, *args):
+        return sum(t.sum() for t in trial) * float("nan")
+
+    monkeypatch.setattr(attacks.matching.GradientDistance, "__call__", lambda self, trial: nan_distance(trial))
+    monkeypatch.setattr(attacks.batched, "gradient_distance", nan_distance)  # a round's clients, batched
     raw = tiny(attacks=[{"name": "ggi", "iterations": 5}])
     store = run(tmp_path, raw)
     failed = [r for r in rows_of(store) if r["metric"] == "failed"]
@@ -85,7 +89,11 @@ def test_an_attack_that_raises_is_recorded_failed_and_the_run_goes_on(tmp_path, 
     def boom(self, obs, model, oracle_labels=None):
         raise MemoryError("out of memory in the attack")
 
+    def boom_many(self, observations, model):
+        raise MemoryError("out of memory in the batched attack")
+
     monkeypatch.setattr(GradientInversion, "reconstruct", boom)
+    monkeypatch.setattr(GradientInversion, "reconstruct_many", boom_many)  # falls back to one by one
     store = run(tmp_path, tiny(attacks=[{"name": "ggi", "iterations": 2}]))
     failed = [r for r in rows_of(store) if r["metric"] == "failed"]
     assert failed and all("MemoryError: out of memory" in r["note"] for r in failed)
