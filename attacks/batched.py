@@ -154,8 +154,8 @@ class BatchedMatching:
                 on_step(i + 1)
             if not active.any():
                 break
-        final_grads, final = step(z, labels, targets, norms)
-        del final_grads
+        with torch.no_grad():
+            final = vmap(self._objective)(z, labels, targets, norms)
         for j, trial in enumerate(trials):
             trial.z = z[j].detach()
             trial.label_logits = labels[j].detach() if joint else None
