@@ -88,12 +88,17 @@ class GradientInversion:
                 lambda i, z: self.monitor(i, norm.denormalize(z).clamp(0, 1).cpu()))
             trials.append(optimize(objective, z0, logits0, r, bounds, monitor=watch,
                                    desc=f"{self.name} round {obs.server_round} client {obs.client}"))
+        return self._result(trials, labels, obs, time.perf_counter() - start)
+
+    def _result(self, trials: list[Trial], labels: torch.Tensor | None, obs: Observation,
+                seconds: float) -> Reconstruction:
+        """The trial with the lowest final loss (restarts), as images in [0, 1] and its labels."""
         good = [t for t in trials if t.failure is None]
         best = min(good, key=lambda t: t.loss) if good else trials[0]
-        images = norm.denormalize(best.z).clamp(0, 1).cpu()
+        images = obs.normalization.denormalize(best.z).clamp(0, 1).cpu()
         found = best.label_logits.argmax(-1) if best.label_logits is not None else labels
-        return Reconstruction(images, None if found is None else found.cpu(), r.labels, best.trace, best.iterations,
-                              time.perf_counter() - start, None if good else best.failure)
+        return Reconstruction(images, None if found is None else found.cpu(), self.recipe.labels, best.trace,
+                              best.iterations, seconds, None if good else best.failure)
 
     def reconstruct_many(self, observations: list[Observation], model: nn.Module) -> list[Reconstruction]:
         """Every observation of one round, all restarts included, as one batched optimisation when the
@@ -133,13 +138,7 @@ class GradientInversion:
                 out.append(failures[i])
                 continue
             mine = [t for t, owner in zip(trials, owners, strict=True) if owner == i]
-            good = [t for t in mine if t.failure is None]
-            best = min(good, key=lambda t: t.loss) if good else mine[0]
-            labels = problems[owners.index(i)].labels
-            found = best.label_logits.argmax(-1) if best.label_logits is not None else labels
-            out.append(Reconstruction(obs.normalization.denormalize(best.z).clamp(0, 1).cpu(),
-                                      None if found is None else found.cpu(), r.labels, best.trace, best.iterations,
-                                      seconds, None if good else best.failure))
+            out.append(self._result(mine, problems[owners.index(i)].labels, obs, seconds))
         return out
 
     def _labels(self, sim: ClientSimulator, obs: Observation, oracle: torch.Tensor | None) -> torch.Tensor | None:

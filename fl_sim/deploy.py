@@ -6,7 +6,7 @@ Three ways in, one set of command lines (so they cannot drift apart):
   processes on loopback (each with its own FLWR_HOME and port), ``submit`` sends the run, and every
   process is torn down afterwards — also on Ctrl-C and on errors.
 * ``fl-sim run --engine deployment --superlink HOST:PORT``: ``submit`` to a SuperLink already running.
-* ``docker-compose.yml``: ``compose_file`` writes the same topology with Flower's images.
+* ``docker-compose.yml``: ``fl_sim.compose`` writes the same topology with Flower's images.
 
 flwr 1.41 facts this relies on (measured): the SuperLink serves its Fleet, Control and Runtime APIs
 over HTTP on one port (8000 by default); a SuperNode's Runtime API (where its SuperExec starts the
