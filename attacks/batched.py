@@ -9,17 +9,19 @@ instead of K double-backward graphs. Adam is elementwise, so one Adam over the s
 (a stopped problem's candidates are frozen). Results equal the one-by-one ``optimize`` up to float
 rounding (tested).
 
+Train-mode BatchNorm uses each problem's own batch statistics (``replace_all_batch_norm_modules_``:
+running statistics are never read or written, as the one-by-one simulator leaves them). With
+``recipe.compile`` the vmapped step is one ``torch.compile``d graph (the double backward traced out).
+
 Not batched (``unbatchable`` says why; those run one by one): L-BFGS (its line search and curvature
-history couple everything it optimises), unrolled FedAvg updates, the Canny edge prior (OpenCV), the
-BatchNorm-statistics prior (forward hooks), and models with train-mode BatchNorm (its batch statistics
-under vmap differ from the one-by-one ones by ~1e-2 relative in ∂loss/∂z on ResNet-18, measured).
+history couple everything it optimises), unrolled FedAvg updates, the Canny edge prior (OpenCV) and
+the BatchNorm-statistics prior (forward hooks).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from attacks.matching import gradient_distance, layer_weights, weighted_norm
-from attacks.optimize import MILESTONES, Trial
+from attacks.optimize import MILESTONES, Monitor, Trial
 from attacks.recipe import Recipe
 from attacks.regularizers import Regularizer
 from fl_sim.observation import Observation
@@ -47,9 +49,6 @@ class Problem:
 
 def unbatchable(recipe: Recipe, observations: list[Observation], model: nn.Module) -> str | None:
     """Why these observations cannot be solved as one batch under ``recipe`` (None: they can)."""
-    if observations[0].meta.batchnorm == "train" and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return "BatchNorm batch statistics differ under vmap by more than rounding (measured: 1e-2 relative)"
     if recipe.optimizer != "adam":
         return "L-BFGS couples the problems it optimises together"
     if any(o.kind != "gradient" for o in observations):
@@ -70,9 +69,12 @@ class BatchedMatching:
         model = copy.deepcopy(model).to(device)
         model.load_state_dict({k: v.to(device) for k, v in obs.global_state.items()})
         model.train()
-        for m in model.modules():  # (train-mode BatchNorm is not batched: see unbatchable)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        if obs.meta.batchnorm == "train":  # batch statistics only; running statistics never touched
+            torch.func.replace_all_batch_norm_modules_(model)
+        else:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         self.model, self.device = model, device
         self.params = {n: p.detach() for n, p in model.named_parameters()}
         self.buffers = {n: b for n, b in model.named_buffers()}
@@ -98,7 +100,8 @@ class BatchedMatching:
             loss = loss + weight * prior(x)
         return loss
 
-    def solve(self, problems: list[Problem], on_step: Callable[[int], None] | None = None) -> list[Trial]:
+    def solve(self, problems: list[Problem], monitor: Monitor | None = None, monitor_every: int = 10) -> list[Trial]:
+        """``monitor(iteration, z of problem 0)`` → stop all? (benchmarks' time-to-quality, as in ``optimize``)."""
         r, k = self.recipe, len(problems)
         joint = problems[0].labels is None
         z = torch.stack([p.z0 for p in problems]).to(self.device)
@@ -106,6 +109,8 @@ class BatchedMatching:
         targets = [torch.stack(layer).to(self.device) for layer in zip(*(p.target for p in problems), strict=True)]
         norms = torch.stack([weighted_norm([t.to(self.device) for t in p.target], self.weights) for p in problems])
         step = vmap(grad_and_value(self._objective, argnums=(0, 1) if joint else 0))
+        if r.compile:  # one graph of forward, client gradient, distance and ∂/∂z (no autograd at run time)
+            step = torch.compile(step, dynamic=False)
         params = [z] + ([labels] if joint else [])
         opt = torch.optim.Adam(params, lr=r.lr)
         scheduler = None
@@ -150,8 +155,8 @@ class BatchedMatching:
                     active[j] = False
             if scheduler is not None:
                 scheduler.step()
-            if on_step is not None:
-                on_step(i + 1)
+            if monitor is not None and (i + 1) % monitor_every == 0 and monitor(i + 1, z[0].detach().clone()):
+                break
             if not active.any():
                 break
         with torch.no_grad():

@@ -50,6 +50,8 @@ class GradientInversion:
 
     def reconstruct(self, obs: Observation, model: nn.Module,
                     oracle_labels: torch.Tensor | None = None) -> Reconstruction:
+        if self.recipe.compile and oracle_labels is None and unbatchable(self.recipe, [obs], model) is None:
+            return self.reconstruct_many([obs], model)[0]  # compilation needs the functional (batched) step
         with tuned_for(model, next(model.parameters()).device):
             return self._reconstruct(obs, model, oracle_labels)
 
@@ -84,11 +86,15 @@ class GradientInversion:
             z0 = self._init(sim.num_images, obs, gen).to(device)
             logits0 = (torch.randn(sim.num_images, obs.num_classes, generator=gen).to(device)
                        if r.labels == "joint" else None)
-            watch = None if self.monitor is None else (
-                lambda i, z: self.monitor(i, norm.denormalize(z).clamp(0, 1).cpu()))
-            trials.append(optimize(objective, z0, logits0, r, bounds, monitor=watch,
+            trials.append(optimize(objective, z0, logits0, r, bounds, monitor=self._watch(obs),
                                    desc=f"{self.name} round {obs.server_round} client {obs.client}"))
         return self._result(trials, labels, obs, time.perf_counter() - start)
+
+    def _watch(self, obs: Observation) -> Monitor | None:
+        """The benchmark monitor on images in [0, 1] (the optimisers hand it z in the model's input space)."""
+        if self.monitor is None:
+            return None
+        return lambda i, z: self.monitor(i, obs.normalization.denormalize(z).clamp(0, 1).cpu())
 
     def _result(self, trials: list[Trial], labels: torch.Tensor | None, obs: Observation,
                 seconds: float) -> Reconstruction:
@@ -103,7 +109,8 @@ class GradientInversion:
     def reconstruct_many(self, observations: list[Observation], model: nn.Module) -> list[Reconstruction]:
         """Every observation of one round, all restarts included, as one batched optimisation when the
         recipe allows it (attacks.batched); otherwise one by one. Same results either way."""
-        if len(observations) * self.recipe.restarts < 2 or unbatchable(self.recipe, observations, model) is not None:
+        alone = len(observations) * self.recipe.restarts < 2 and not self.recipe.compile
+        if alone or unbatchable(self.recipe, observations, model) is not None:
             return [self.reconstruct(obs, model) for obs in observations]
         device = next(model.parameters()).device
         with tuned_for(model, device):
@@ -130,7 +137,8 @@ class GradientInversion:
                 logits0 = torch.randn(sim.num_images, obs.num_classes, generator=gen) if r.labels == "joint" else None
                 problems.append(Problem(sim.target, labels, z0, logits0))
                 owners.append(i)
-        trials = BatchedMatching(model, observations[0], r, priors, device).solve(problems) if problems else []
+        matching = BatchedMatching(model, observations[0], r, priors, device)
+        trials = matching.solve(problems, self._watch(observations[0])) if problems else []
         seconds = (time.perf_counter() - start) / len(observations)
         out: list[Reconstruction] = []
         for i, obs in enumerate(observations):
