@@ -1,7 +1,8 @@
 """Attacks of the curious server: ``reconstruct(observation, model) -> Reconstruction``, by name.
 
 Gradient-matching presets (dlg, idlg, ggi, afgi, raf-gi) share one engine; the pruned-feature
-inversion presets (feature-inversion, -lfw, -l1) another; a scenario entry
+inversion presets (feature-inversion, -lfw, -l1) another. TLDR (tldr, tldr-inversion) is a model attack:
+``invert(global model, ...)`` instead of ``reconstruct`` (fl_sim.inversion runs it). A scenario entry
 ``{name = "ggi", iterations = 2000}`` overrides any recipe field.
 """
 
@@ -14,6 +15,7 @@ from attacks.base import Attack, Reconstruction
 from attacks.feature_inversion import FEATURE_PRESETS, FeatureInversion, FeatureRecipe
 from attacks.gradient_inversion import GradientInversion
 from attacks.recipe import PRESETS, Recipe, recipe
+from attacks.tldr import TLDR_PRESETS, NetworkInversion, TLDRRecipe
 from fl_sim.registry import Registry
 
 AttackFactory = Callable[[dict[str, Any]], Attack]
@@ -24,6 +26,9 @@ for _preset in PRESETS:
 for _preset, _values in FEATURE_PRESETS.items():
     ATTACKS.add(_preset, lambda params, _p=_preset, _v=_values: FeatureInversion(
         _p, FeatureRecipe.model_validate(_v | params)))
+for _preset, _values in TLDR_PRESETS.items():
+    ATTACKS.add(_preset, lambda params, _p=_preset, _v=_values: NetworkInversion(
+        _p, TLDRRecipe.model_validate(_v | params)))
 
 LRB_MODELS = ("resnet18", "resnet50")
 

@@ -210,11 +210,13 @@ def certificates(folder: Path, nodes: int, hosts: tuple[str, ...]) -> None:
               help="Override an attack preset value, e.g. --set iterations=2000 (repeatable).")
 @click.option("-v", "--verbose", count=True, help="More logs on the console.")
 def attack(run_dir: Path, attack_name: str, overrides: tuple[str, ...], verbose: int) -> None:
-    """Run an attack on a saved run's observations; rows are appended to its results.csv."""
+    """Run an attack on a saved run's observations; rows are appended to its results.csv (model attacks such
+    as tldr: on the final global model, to inversion.csv)."""
     from pydantic import ValidationError
 
     from attacks import build_attack, incompatibility
     from fl_sim.federation import prepare
+    from fl_sim.inversion import InversionRunner, is_model_attack
     from fl_sim.leakage import LeakageRunner
     from fl_sim.logs import configure_console, run_log
     from fl_sim.observation import load_observations
@@ -240,6 +242,15 @@ def attack(run_dir: Path, attack_name: str, overrides: tuple[str, ...], verbose:
     if why:
         raise UserInputError(f"--attack {attack_name}: {why}")
     fed = prepare(scenario)
+    if is_model_attack(built):  # TLDR: the global model after the last finished round (the checkpoint)
+        state = store.checkpoint()
+        if state is None:
+            raise UserInputError(f"{run_dir}: no finished round, so no global model to invert")
+        with run_log(store.root):
+            InversionRunner(scenario, fed, store, [ComponentSpec(name=attack_name, **params)]).run(
+                store.last_round, state)
+        click.echo(f"appended {attack_name} rows for round {store.last_round} to {store.root / 'inversion.csv'}")
+        return
     runner = LeakageRunner(scenario, fed, store, [ComponentSpec(name=attack_name, **params)])
     rounds = sorted({o.server_round for o in load_observations(store.root) if o.server_round <= store.last_round})
     if not rounds:

@@ -21,6 +21,7 @@ from defenses import defense_label
 from fl_sim.atomic import atomic_path, save_tensors
 from fl_sim.federation import Federation
 from fl_sim.grids import round_grid
+from fl_sim.inversion import is_model_attack
 from fl_sim.observation import Observation
 from fl_sim.scenario import ComponentSpec, Scenario
 from fl_sim.scoring import METRICS, MetricUnavailable, label_accuracy, pair
@@ -71,6 +72,8 @@ class LeakageRunner:
         self.attacks = []
         for spec in scenario.attacks if specs is None else specs:
             attack = build_attack(spec.name, spec.params)
+            if is_model_attack(attack):
+                continue  # TLDR and the like: fl_sim.inversion
             oracle = getattr(getattr(attack, "recipe", None), "labels", "") == "oracle"
             self.attacks.append(NamedAttack(spec.name, attack, oracle))
 

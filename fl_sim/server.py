@@ -16,6 +16,7 @@ from defenses import secure_aggregation
 from fl_sim.client import CLIENT_ID_QUERY, scenario_from_context
 from fl_sim.features import last_linear
 from fl_sim.federation import prepare
+from fl_sim.inversion import InversionRunner
 from fl_sim.leakage import LeakageRunner
 from fl_sim.logs import run_log
 from fl_sim.observation import Observation
@@ -55,6 +56,7 @@ class RoundEnd:
         self.store, self.on_round_end, self.progress = store, on_round_end, progress
         self.model = self.fed.model()
         self.leakage = LeakageRunner(scenario, self.fed, store)
+        self.inversion = InversionRunner(scenario, self.fed, store)
         self.started = time.perf_counter()
 
     def test(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -66,6 +68,7 @@ class RoundEnd:
         """``record``: the finished round; ``state``: the new global model. Returns (test loss, accuracy)."""
         loss, acc = self.test(state)
         self.leakage(record.server_round, record.observations)
+        self.inversion(record.server_round, state)
         if self.on_round_end is not None:
             self.on_round_end(record.server_round, record.observations)
         train, ev = record.train_metrics, record.eval_metrics

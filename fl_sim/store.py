@@ -5,6 +5,7 @@ runs/<scenario>-<time>/
   run.json           status, start / end time, last finished round
   metrics.csv        per round: test accuracy/loss, train loss, client evaluation, timings
   results.csv        tidy leakage rows: run, round, client, attack, defense, metric, value
+  inversion.csv      model attacks (TLDR): run, round, attack, class, metric, value, note (fl_sim.inversion)
   observations/      round-RRRR/global.safetensors + client-CCCC.{safetensors,json}
   secrets/           round-RRRR.json (simulation-only ground truth for scoring)
   checkpoint.safetensors  global model after the last finished round
@@ -26,7 +27,7 @@ import tomli_w
 import torch
 from safetensors.torch import load_file
 
-from fl_sim.atomic import save_tensors, write_text
+from fl_sim.atomic import atomic_path, save_tensors, write_text
 from fl_sim.errors import UserInputError
 from fl_sim.observation import save_global_state, save_observation
 from fl_sim.scenario import Scenario, load_scenario
@@ -106,20 +107,16 @@ class RunStore:
     def discard_unfinished(self) -> None:
         """Drop what a killed run wrote for the round it did not finish."""
         last = self.last_round
-        for parent in ("observations", "reconstructions"):
+        for parent in ("observations", "reconstructions", "inversions"):
             for folder in (self.root / parent).glob("round-*"):
                 if int(folder.name.split("-")[1]) > last:
                     shutil.rmtree(folder)
-        for grid in (self.root / "grids").glob("round-*.png"):
-            if int(grid.stem.split("-")[1]) > last:
+        for grid in (self.root / "grids").glob("*round-*.png"):
+            if int(grid.stem.split("round-")[1].split("-")[0]) > last:
                 grid.unlink()
         self.secrets.discard_after(last)
-        with open(self.root / "results.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        with open(self.root / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, RESULT_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(r for r in rows if int(r["round"]) <= last)
+        for table in ("results.csv", "inversion.csv"):
+            _keep_rounds(self.root / table, last)
 
     # --- per round ------------------------------------------------------------------------------------
     def record_round(self, record: RoundRecord) -> None:
@@ -144,3 +141,16 @@ class RunStore:
         with open(self.root / "results.csv", "a", newline="") as f:
             csv.DictWriter(f, RESULT_COLUMNS, extrasaction="ignore").writerows(
                 {"run": self.name} | row for row in rows)
+
+
+def _keep_rounds(path: Path, last: int) -> None:
+    """Rewrite a tidy CSV without the rows of rounds after ``last`` (absent file: nothing to do)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames or [], list(reader)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["round"]) <= last)

@@ -16,6 +16,7 @@ import pandas as pd
 from fl_sim.atomic import write_text
 from fl_sim.report import tables
 from fl_sim.report.images import Picture, RoundImages, round_images, truth_and_reconstruction
+from fl_sim.report.inversion import InversionBlock, inversion_blocks
 from fl_sim.report.plots import attack_colors, leakage_over_rounds
 from fl_sim.report.render import render_html, render_markdown
 from fl_sim.report.runs import RunData, load_run
@@ -40,6 +41,7 @@ class RunSection:
     badges: dict[tuple[int, str, int], str] = field(default_factory=dict)  # best / worst of a round
     failures: dict[tuple[int, str, int], str] = field(default_factory=dict)
     round_attacks: dict[int, list[str]] = field(default_factory=dict)  # the attacks that ran in a round
+    inversions: list[InversionBlock] = field(default_factory=list)  # model attacks (TLDR)
 
 
 def build_report(run_dirs: list[Path], out: Path | None = None, rule: RecoveryRule = DEFAULT_RULE) -> Path:
@@ -74,6 +76,7 @@ def build_report(run_dirs: list[Path], out: Path | None = None, rule: RecoveryRu
         "by_round": _by_round_table(stats, unavailable, multi),
         "utility": _utility_table(runs, multi),
         "has_attacks": not recs.empty,
+        "has_inversions": any(s.inversions for s in sections),
     }
     pictures = [figure] + [p for s in sections for p in _section_pictures(s)]
     out.mkdir(parents=True, exist_ok=True)
@@ -135,12 +138,14 @@ def _section(run: RunData, recs: pd.DataFrame, cases: pd.DataFrame, rank: str | 
         section.grid_note = (f"{len(shown)} of {len(rounds)} attacked rounds shown (evenly spread); every round's "
                              f"grid is in {run.root / 'grids'}.")
     section.rounds = [g for g in (round_images(run.root, r, prefix) for r in shown) if g is not None]
+    section.inversions = inversion_blocks(run, prefix)
     return section
 
 
 def _section_pictures(section: RunSection) -> list[Picture]:
     """The pictures report.md links to (report.html embeds its own)."""
-    return [c["picture"] for c in section.cases if c["picture"] is not None] + [g.overview for g in section.rounds]
+    return ([c["picture"] for c in section.cases if c["picture"] is not None] + [g.overview for g in section.rounds]
+            + [b.picture for b in section.inversions if b.picture is not None])
 
 
 CAPTION = {"psnr": "PSNR {} dB", "ssim": "SSIM {}", "lpips": "LPIPS {}", "avd": "AVD {}", "label_acc": "labels {}"}
