@@ -130,7 +130,8 @@ class NetworkInversion:
     def invert(self, model: nn.Module, norm: Normalization, num_classes: int,
                shape: tuple[int, int, int]) -> Inversion:
         device = next(model.parameters()).device  # (no fl_sim.cpu tuning: the generator is the large part)
-        return self._invert(model, norm, num_classes, shape, device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # seeds stay local
+            return self._invert(model, norm, num_classes, shape, device)
 
     def _invert(self, model: nn.Module, norm: Normalization, num_classes: int, shape: tuple[int, int, int],
                 device: torch.device) -> Inversion:
