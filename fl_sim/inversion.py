@@ -13,7 +13,6 @@ training image) to grids/.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from typing import Any
@@ -32,7 +31,6 @@ from fl_sim.scoring import MetricUnavailable, lpips_distance
 from fl_sim.store import RunStore
 
 log = logging.getLogger("fl_sim")
-INVERSION_COLUMNS = ["run", "round", "attack", "class", "metric", "value", "note"]
 DRAWS = 10
 
 
@@ -144,10 +142,4 @@ class InversionRunner:
             grid_image(rows_img, names).save(tmp, format="png")
 
     def _append(self, server_round: int, name: str, rows: list[dict[str, Any]]) -> None:
-        path = self.store.root / "inversion.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, INVERSION_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows({"run": self.store.name, "round": server_round, "attack": name} | r for r in rows)
+        self.store.append_inversions([{"round": server_round, "attack": name} | r for r in rows])

@@ -35,6 +35,7 @@ from fl_sim.secret import SecretLedger
 from fl_sim.strategy import RoundRecord
 
 RESULT_COLUMNS = ["run", "round", "client", "attack", "defense", "metric", "value", "label_strategy", "note"]
+INVERSION_COLUMNS = ["run", "round", "attack", "class", "metric", "value", "note"]
 METRIC_COLUMNS = ["round", "test_loss", "test_acc", "train_loss", "eval_loss", "eval_acc", "clients", "failures",
                   "round_seconds", "record_seconds"]
 
@@ -136,6 +137,16 @@ class RunStore:
         with open(self.root / "metrics.csv", "a", newline="") as f:
             csv.DictWriter(f, METRIC_COLUMNS).writerow({"round": server_round} | metrics)
         self.update_state(last_round=server_round)
+
+    def append_inversions(self, rows: list[dict[str, Any]]) -> None:
+        """Model-attack rows (fl_sim.inversion) → inversion.csv, created with its header on first use."""
+        path = self.root / "inversion.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, INVERSION_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows({"run": self.name} | row for row in rows)
 
     def append_results(self, rows: list[dict[str, Any]]) -> None:
         with open(self.root / "results.csv", "a", newline="") as f:
