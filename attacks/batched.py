@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from attacks.matching import gradient_distance, layer_weights, weighted_norm
-from attacks.optimize import MILESTONES, Monitor, Trial
+from attacks.optimize import Monitor, Trial, clipped, divergence, stalled, step_schedule
 from attacks.recipe import Recipe
 from attacks.regularizers import Regularizer
 from fl_sim.observation import Observation
@@ -113,10 +113,7 @@ class BatchedMatching:
             step = torch.compile(step, dynamic=False)
         params = [z] + ([labels] if joint else [])
         opt = torch.optim.Adam(params, lr=r.lr)
-        scheduler = None
-        if r.schedule in MILESTONES:
-            fractions, gamma = MILESTONES[r.schedule]
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, [int(r.iterations * f) for f in fractions], gamma)
+        scheduler = step_schedule(opt, r)
         trials = [Trial(z[i], None) for i in range(k)]
         active = torch.ones(k, dtype=torch.bool, device=self.device)
         frozen = [p.detach().clone() for p in params]
@@ -134,8 +131,8 @@ class BatchedMatching:
             for j in torch.nonzero(active).flatten().cpu().tolist():
                 trial = trials[j]
                 trial.iterations = i + 1
-                if not math.isfinite(values[j]) or not finite_z[j]:  # kept as it is after this step
-                    trial.failure = f"loss became {values[j]} at iteration {i + 1}"
+                if (failure := divergence(values[j], i + 1, finite_z[j])) is not None:  # kept as it is after this step
+                    trial.failure = failure
                     active[j] = False
                     with torch.no_grad():
                         for p, f in zip(params, frozen, strict=True):
@@ -144,14 +141,11 @@ class BatchedMatching:
                 trial.trace.append(values[j])
             with torch.no_grad():
                 if r.clip:
-                    clipped = torch.maximum(torch.minimum(z, self.bounds[1]), self.bounds[0])
-                    z[active] = clipped[active]
+                    z[active] = clipped(z, self.bounds)[active]
                 for p, f in zip(params, frozen, strict=True):
                     f[active] = p[active]
             for j in torch.nonzero(active).flatten().cpu().tolist():
-                trace = trials[j].trace
-                if (r.early_stop > 0 and len(trace) > r.patience
-                        and abs(trace[-1] - trace[-1 - r.patience]) < r.early_stop):
+                if stalled(trials[j].trace, r.early_stop, r.patience):
                     active[j] = False
             if scheduler is not None:
                 scheduler.step()

@@ -11,7 +11,6 @@ a FedSGD gradient of a batch of one, the closed form h = ∂L/∂W_fc[i, :] / �
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Literal
 
@@ -20,10 +19,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from attacks.base import Reconstruction
-from fl_sim.cpu import tuned_for
-from fl_sim.features import SharedFeatures, last_linear, penultimate, prune
+from attacks.base import ObservationAttack, Reconstruction
+from attacks.optimize import divergence, stalled
+from attacks.regularizers import sixth_power, squared_variation
+from fl_sim.base.cpu import tuned_for
 from fl_sim.observation import Observation
+from fl_sim.observation.features import SharedFeatures, last_linear, penultimate, prune
 
 
 class FeatureRecipe(BaseModel):
@@ -76,20 +77,12 @@ def feature_distance(h: torch.Tensor, target: torch.Tensor, kind: str) -> torch.
     return ((target - h).pow(2).sum(1) / target.pow(2).sum(1).clamp_min(1e-12)).sum()
 
 
-def sixth_power(x: torch.Tensor) -> torch.Tensor:
-    return x.pow(6).sum()
-
-
-def squared_tv(x: torch.Tensor) -> torch.Tensor:
-    """Σ (x_i − x_{i+1})² over horizontally and vertically neighbouring pixels of (B, C, H, W)."""
-    return (x[..., 1:, :] - x[..., :-1, :]).pow(2).sum() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).sum()
-
-
-class FeatureInversion:
+class FeatureInversion(ObservationAttack):
     def __init__(self, name: str, recipe: FeatureRecipe) -> None:
         self.name, self.recipe = name, recipe
 
-    def target(self, obs: Observation, model: nn.Module) -> SharedFeatures:
+    def features(self, obs: Observation, model: nn.Module) -> SharedFeatures:
+        """The features to invert: the shared ones, or those that follow in closed form from the gradient."""
         if obs.features is not None:
             return obs.features
         return prune(closed_form_features(obs, model), self.recipe.prune)
@@ -103,7 +96,7 @@ class FeatureInversion:
         for p in model.parameters():
             p.requires_grad_(False)
         try:
-            target = self.target(obs, model)
+            target = self.features(obs, model)
         except FeatureUnavailable as err:
             return Reconstruction(torch.zeros(0, *obs.image_shape), None, "", failure=str(err))
         values, indices = target.values.to(device), target.indices.to(device)
@@ -118,18 +111,17 @@ class FeatureInversion:
             for _ in range(r.iterations):
                 optimizer.zero_grad(set_to_none=True)
                 h = penultimate(model, obs.normalization.normalize(x)).gather(1, indices)
-                loss = (r.alpha_l2 * feature_distance(h, values, r.distance) + r.alpha_six * sixth_power(x)
-                        + r.alpha_tv * squared_tv(x))
+                loss = (r.alpha_l2 * feature_distance(h, values, r.distance)
+                        + r.alpha_six * sixth_power(x, reduction="sum") + r.alpha_tv * squared_variation(x))
                 value = float(loss.detach())
-                if not math.isfinite(value):
+                if (failure := divergence(value, len(trace) + 1)) is not None:
                     return Reconstruction(x.detach().clamp(0, 1).cpu(), None, "", trace, len(trace),
-                                          time.perf_counter() - start, failure=f"loss became {value}")
+                                          time.perf_counter() - start, failure=failure)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
                     x.clamp_(0, 1)
-                converged = bool(trace) and abs(value - trace[-1]) < r.epsilon
                 trace.append(value)
-                if converged:
+                if stalled(trace, r.epsilon, patience=1):
                     break
         return Reconstruction(x.detach().cpu(), None, "", trace, len(trace), time.perf_counter() - start)

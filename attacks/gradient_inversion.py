@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Reconstruction
+from attacks.base import ObservationAttack, Reconstruction
 from attacks.batched import BatchedMatching, Problem, unbatchable
 from attacks.edges import EdgePrior, baseline_point
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelRecoveryError, LabelSignal, last_linear
@@ -30,7 +30,7 @@ from attacks.regularizers import (
     total_variation,
 )
 from attacks.simulate import ClientSimulator, UnsupportedObservation
-from fl_sim.cpu import tuned_for
+from fl_sim.base.cpu import tuned_for
 from fl_sim.observation import Observation
 
 
@@ -41,12 +41,34 @@ def start_seed(seed: int, restart: int, obs: Observation) -> int:
     return int(np.random.SeedSequence([seed, restart, obs.server_round, client]).generate_state(1)[0])
 
 
-class GradientInversion:
+class GradientInversion(ObservationAttack):
     """``reconstruct(observation, model)`` for one recipe (dlg, idlg, ggi, afgi, raf-gi, or custom)."""
+
+    batches_clients = True
 
     def __init__(self, name: str, recipe: Recipe, monitor: Monitor | None = None) -> None:
         """``monitor(iteration, images in [0, 1])`` → stop? — a benchmark hook; it cannot change the result."""
         self.name, self.recipe, self.monitor = name, recipe, monitor
+
+    @property
+    def joint_labels(self) -> bool:
+        """DLG's soft labels, optimised with the images."""
+        return LABEL_STRATEGIES.get(self.recipe.labels).source == "joint"
+
+    @property
+    def needs_oracle_labels(self) -> bool:
+        return LABEL_STRATEGIES.get(self.recipe.labels).source == "oracle"
+
+    def incompatibility(self, model: nn.Module, protocol: str, optimizer: str) -> str | None:
+        requires = LABEL_STRATEGIES.get(self.recipe.labels).requires
+        try:
+            if requires is not None:
+                requires(model)
+        except LabelRecoveryError as err:
+            return f"labels = '{self.recipe.labels}' {err}; use labels = 'yin' or 'idlg'"
+        if protocol == "fedavg" and optimizer != "sgd":
+            return f"FedAvg with optimizer '{optimizer}' cannot be unrolled by gradient matching; use optimizer 'sgd'"
+        return None
 
     def reconstruct(self, obs: Observation, model: nn.Module,
                     oracle_labels: torch.Tensor | None = None) -> Reconstruction:
@@ -85,7 +107,7 @@ class GradientInversion:
             gen = torch.Generator().manual_seed(start_seed(r.seed, k, obs))
             z0 = self._init(sim.num_images, obs, gen).to(device)
             logits0 = (torch.randn(sim.num_images, obs.num_classes, generator=gen).to(device)
-                       if r.labels == "joint" else None)
+                       if self.joint_labels else None)
             trials.append(optimize(objective, z0, logits0, r, bounds, monitor=self._watch(obs),
                                    desc=f"{self.name} round {obs.server_round} client {obs.client}"))
         return self._result(trials, labels, obs, time.perf_counter() - start)
@@ -134,7 +156,7 @@ class GradientInversion:
             for k in range(r.restarts):
                 gen = torch.Generator().manual_seed(start_seed(r.seed, k, obs))
                 z0 = self._init(sim.num_images, obs, gen)
-                logits0 = torch.randn(sim.num_images, obs.num_classes, generator=gen) if r.labels == "joint" else None
+                logits0 = torch.randn(sim.num_images, obs.num_classes, generator=gen) if self.joint_labels else None
                 problems.append(Problem(sim.target, labels, z0, logits0))
                 owners.append(i)
         matching = BatchedMatching(model, observations[0], r, priors, device)
@@ -151,15 +173,16 @@ class GradientInversion:
 
     def _labels(self, sim: ClientSimulator, obs: Observation, oracle: torch.Tensor | None) -> torch.Tensor | None:
         r = self.recipe
-        if r.labels == "joint":
+        strategy = LABEL_STRATEGIES.get(r.labels)
+        if strategy.source == "joint":
             return None
-        if r.labels == "oracle":
+        if strategy.source == "oracle":
             if oracle is None:
                 raise LabelRecoveryError("labels = 'oracle' needs the true labels from the simulation (ablation only)")
             return oracle.to(sim.device)
         fc_name, _ = last_linear(sim.model)
         signal = LabelSignal(sim.label_signal_grad(fc_name), sim.num_images, sim.model)
-        return LABEL_STRATEGIES.get(r.labels)(signal, LabelParams(r.lrb_gamma, r.lrb_scale)).to(sim.device)
+        return strategy(signal, LabelParams(r.lrb_gamma, r.lrb_scale)).to(sim.device)
 
     def _priors(self, sim: ClientSimulator, obs: Observation) -> list[tuple[float, Regularizer]]:
         r = self.recipe

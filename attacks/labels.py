@@ -1,19 +1,22 @@
 """Label recovery from the last fully connected layer's gradient — its own stage.
 
-Each strategy maps a :class:`LabelSignal` to K labels (sorted ascending, as GradInversion and
-AFGI pair them). ``joint`` (DLG's soft labels) and ``oracle`` are handled by the attack itself.
+The registry names every way an attack gets labels: read off the gradient (``idlg``, ``yin``,
+``lrb``: a :class:`LabelSignal` → K labels, sorted ascending as GradInversion and AFGI pair them),
+optimised jointly with the images (``joint``, DLG's soft labels) or handed the true ones (``oracle``,
+ablations). An entry also says what it needs of the model's structure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from fl_sim import features
-from fl_sim.registry import Registry
+from fl_sim.base.registry import Registry
+from fl_sim.observation import features
 
 
 class LabelRecoveryError(ValueError):
@@ -30,14 +33,41 @@ class LabelSignal:
     model: nn.Module
 
 
-LabelStrategy = Callable[[LabelSignal, "LabelParams"], torch.Tensor]
-LABEL_STRATEGIES: Registry[LabelStrategy] = Registry("label strategy")
-
-
 @dataclass(frozen=True)
 class LabelParams:
     gamma: float = 0.4  # LRB probability-gap threshold
     scale: float = 1e7  # LRB input scale Con
+
+
+@dataclass(frozen=True)
+class LabelStrategy:
+    """``source``: where the labels come from; ``recover(signal, params)`` for the gradient strategies;
+    ``requires(model)`` raises LabelRecoveryError when the model lacks what the strategy reads."""
+
+    source: Literal["gradient", "joint", "oracle"]
+    description: str
+    recover: Callable[[LabelSignal, LabelParams], torch.Tensor] | None = None
+    requires: Callable[[nn.Module], object] | None = None
+
+    def __call__(self, signal: LabelSignal, params: LabelParams) -> torch.Tensor:
+        if self.recover is None:
+            raise LabelRecoveryError(f"labels from '{self.source}' are not read off the gradient")
+        return self.recover(signal, params)
+
+
+LABEL_STRATEGIES: Registry[LabelStrategy] = Registry("label strategy")
+LABEL_STRATEGIES.add("joint", LabelStrategy("joint", "DLG: soft labels optimised jointly with the images"))
+LABEL_STRATEGIES.add("oracle", LabelStrategy("oracle", "the true labels from the simulation (ablations; rows flagged)"))
+
+
+def from_gradient(name: str, description: str, requires: Callable[[nn.Module], object] | None = None
+                  ) -> Callable[[Callable[[LabelSignal, LabelParams], torch.Tensor]], Callable]:
+    """Register a strategy that reads the labels off the gradient."""
+    def add(fn: Callable[[LabelSignal, LabelParams], torch.Tensor]) -> Callable:
+        LABEL_STRATEGIES.add(name, LabelStrategy("gradient", description, fn, requires))
+        return fn
+
+    return add
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -48,7 +78,7 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
         raise LabelRecoveryError("label recovery needs a model whose last layer is nn.Linear") from None
 
 
-@LABEL_STRATEGIES.register("idlg")
+@from_gradient("idlg", "iDLG's sign rule (K > 1: the K most negative rows)")
 def idlg(signal: LabelSignal, _: LabelParams) -> torch.Tensor:
     """iDLG: the label whose row of ∂L/∂W_fc sums most negative (exact for K = 1 with ≥ 0 features);
     for K > 1 the K most negative rows (the extension RAF-GI compares against)."""
@@ -56,7 +86,7 @@ def idlg(signal: LabelSignal, _: LabelParams) -> torch.Tensor:
     return torch.sort(torch.argsort(row_sums)[: signal.batch_size]).values
 
 
-@LABEL_STRATEGIES.register("yin")
+@from_gradient("yin", "GradInversion's row-minimum (distinct labels)")
 def yin(signal: LabelSignal, _: LabelParams) -> torch.Tensor:
     """GradInversion (Yin et al. 2021): the K labels with the smallest row-minimum (distinct labels)."""
     row_min = signal.fc_grad.min(dim=1).values
@@ -67,12 +97,12 @@ def lrb_head(model: nn.Module) -> nn.Module:
     """LRB's network: the model's last block, average pool and FC, sharing the model's weights."""
     layer4, avgpool, fc = (getattr(model, n, None) for n in ("layer4", "avgpool", "fc"))
     if not isinstance(layer4, nn.Sequential) or avgpool is None or not isinstance(fc, nn.Linear):
-        raise LabelRecoveryError("lrb needs a model whose last residual block feeds average pooling and the "
-                                 "classifier (resnet18, resnet50)")
+        raise LabelRecoveryError("needs the model's last residual block feeding average pooling and the classifier "
+                                 "(as resnet18 and resnet50 have)")
     return nn.Sequential(layer4[-1], avgpool, nn.Flatten(), fc).eval()
 
 
-@LABEL_STRATEGIES.register("lrb")
+@from_gradient("lrb", "AFGI Algorithm 1: row-minima, then duplicates through the last block", requires=lrb_head)
 def lrb(signal: LabelSignal, params: LabelParams) -> torch.Tensor:
     """AFGI Algorithm 1 (RAF-GI's ACB).
 

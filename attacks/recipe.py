@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from attacks.labels import LABEL_STRATEGIES
+from fl_sim.base.registry import UnknownNameError
 
 
 class Recipe(BaseModel):
@@ -21,7 +24,7 @@ class Recipe(BaseModel):
     # initialisation and labels
     init: Literal["uniform", "gaussian", "gray"] = Field(
         description="U(0, 1) image, N(0, 1) in the model's input space (GGI), or mid-gray (AFGI)")
-    labels: Literal["idlg", "yin", "lrb", "joint", "oracle"]
+    labels: str = Field(description="label strategy (attacks.labels.LABEL_STRATEGIES): idlg, yin, lrb, joint, oracle")
     # regularisers (weights; 0 switches a term off)
     tv: float = Field(0.0, ge=0, description="total variation: mean |dx| + mean |dy|")
     mean_prior: float = Field(0.0, ge=0, description="AFGI: L2 between per-channel image mean and mean_prior_value")
@@ -52,6 +55,13 @@ class Recipe(BaseModel):
     lrb_gamma: float = Field(0.4, gt=0, description="LRB probability-gap threshold γ")
     lrb_scale: float = Field(1e7, gt=0, description="LRB input scale Con (RAF-GI: 1e17 / 1e10 ≡ 1e7)")
     seed: int = Field(0, ge=0)
+
+    @field_validator("labels")
+    @classmethod
+    def _known_labels(cls, v: str) -> str:
+        if v not in LABEL_STRATEGIES:
+            raise ValueError(str(UnknownNameError("label strategy", v, LABEL_STRATEGIES.names())))
+        return v
 
 
 PRESETS: dict[str, dict] = {

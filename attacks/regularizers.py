@@ -23,9 +23,15 @@ def channel_mean_prior(prior: Sequence[float]) -> Regularizer:
     return term
 
 
-def sixth_power(x: torch.Tensor) -> torch.Tensor:
-    """Σ x⁶ per image, averaged over the batch."""
-    return x.pow(6).flatten(1).sum(1).mean()
+def sixth_power(x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Σ x⁶ per image, averaged over the batch (``reduction = "sum"``: summed over it, as feature inversion)."""
+    per_image = x.pow(6).flatten(1).sum(1)
+    return per_image.sum() if reduction == "sum" else per_image.mean()
+
+
+def squared_variation(x: torch.Tensor) -> torch.Tensor:
+    """Σ (x_i − x_{i+1})² over horizontally and vertically neighbouring pixels of the whole batch."""
+    return (x[..., 1:, :] - x[..., :-1, :]).pow(2).sum() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).sum()
 
 
 def l2_norm(x: torch.Tensor) -> torch.Tensor:

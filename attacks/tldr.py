@@ -15,9 +15,7 @@ sizes; the presets are ours, sized to train in minutes on a CPU for 28×28 and 3
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from attacks.base import Inversion, ModelAttack
 from attacks.generator import ConditionedGenerator, balanced_labels, hot_vectors, soft_vectors
 from attacks.inversion_losses import (
     cosine_similarity,
@@ -36,7 +35,8 @@ from attacks.inversion_losses import (
     variation,
 )
 from attacks.labels import last_linear
-from fl_sim.data.images import Normalization
+from attacks.optimize import divergence
+from fl_sim.observation import Normalization
 
 
 class TLDRRecipe(BaseModel):
@@ -68,21 +68,6 @@ TLDR_PRESETS: dict[str, dict] = {
     "tldr": dict(mode="reconstruction"),
     "tldr-inversion": dict(mode="inversion"),
 }
-
-
-@dataclass
-class Inversion:
-    """What a model attack returns: ``images`` (M, C, H, W) in [0, 1] generated for ``labels`` (M,);
-    ``confidence`` (M,) the classifier's softmax probability of that label, ``predicted`` (M,) its argmax."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    confidence: torch.Tensor
-    predicted: torch.Tensor
-    loss_trace: list[float] = field(default_factory=list)
-    steps: int = 0
-    seconds: float = 0.0
-    failure: str | None = None
 
 
 class Classifier:
@@ -118,11 +103,9 @@ def tldr_loss(recipe: TLDRRecipe, classifier: Classifier, images: torch.Tensor, 
             + r.gradient * gradient_norm(classifier.model, logits, labels))
 
 
-class NetworkInversion:
+class NetworkInversion(ModelAttack):
     """``invert(model, normalization, num_classes, shape)`` → Inversion: a model attack (it reads only the
     global model the server holds; no Observation, no client data)."""
-
-    target = "global-model"
 
     def __init__(self, name: str, recipe: TLDRRecipe) -> None:
         self.name, self.recipe = name, recipe
@@ -157,8 +140,7 @@ class NetworkInversion:
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=list(generator.parameters()))
             value = float(loss.detach())
-            if not math.isfinite(value):
-                failure = f"loss became {value} at step {step + 1}"
+            if (failure := divergence(value, step + 1)) is not None:
                 break
             opt.step()
             trace.append(value)

@@ -30,9 +30,9 @@ import torch  # noqa: E402
 from attacks.gradient_inversion import GradientInversion  # noqa: E402
 from attacks.recipe import recipe  # noqa: E402
 from fl_sim.data.sources import load_dataset  # noqa: E402
+from fl_sim.leakage.single_client import fedsgd_plan, observe  # noqa: E402
 from fl_sim.models import build_model  # noqa: E402
 from fl_sim.scenario import DataConfig, ModelConfig  # noqa: E402
-from fl_sim.single_client import fedsgd_plan, observe  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

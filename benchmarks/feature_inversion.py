@@ -19,11 +19,11 @@ import torch  # noqa: E402
 
 from attacks import build_attack  # noqa: E402
 from fl_sim.data.sources import load_dataset  # noqa: E402
-from fl_sim.features import penultimate, prune  # noqa: E402
+from fl_sim.leakage.metrics import psnr, ssim  # noqa: E402
+from fl_sim.leakage.single_client import fedsgd_plan, observe  # noqa: E402
 from fl_sim.models import build_model  # noqa: E402
+from fl_sim.observation.features import penultimate, prune  # noqa: E402
 from fl_sim.scenario import DataConfig, ModelConfig  # noqa: E402
-from fl_sim.scoring import psnr, ssim  # noqa: E402
-from fl_sim.single_client import fedsgd_plan, observe  # noqa: E402
 
 
 def run(device: str, images: int, ratios: list[float]) -> dict:

@@ -17,9 +17,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from fl_sim.engines import ENGINES  # noqa: E402
-from fl_sim.federation import prepare  # noqa: E402
-from fl_sim.logs import configure_console  # noqa: E402
+from fl_sim.base.logs import configure_console  # noqa: E402
+from fl_sim.federation.server import run_engine  # noqa: E402
+from fl_sim.federation.setup import prepare  # noqa: E402
 from fl_sim.scenario import scenario_from_dict  # noqa: E402
 from fl_sim.store import RunStore  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store = RunStore.create(scenario, Path(tmp) / "run")
             t0 = time.perf_counter()
-            ENGINES.get("inprocess")(scenario, store, None)
+            run_engine(scenario, store, None)
             total = time.perf_counter() - t0
             rows = (store.root / "metrics.csv").read_text().splitlines()[1:]
             recording = sum(float(r.split(",")[-1]) for r in rows)

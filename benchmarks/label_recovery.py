@@ -17,10 +17,10 @@ import torch  # noqa: E402
 
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelSignal  # noqa: E402
 from fl_sim.data.sources import load_dataset  # noqa: E402
+from fl_sim.leakage.metrics import label_accuracy  # noqa: E402
+from fl_sim.leakage.single_client import fedsgd_plan, observe  # noqa: E402
 from fl_sim.models import build_model  # noqa: E402
 from fl_sim.scenario import DataConfig, ModelConfig  # noqa: E402
-from fl_sim.scoring import label_accuracy  # noqa: E402
-from fl_sim.single_client import fedsgd_plan, observe  # noqa: E402
 
 STRATEGIES = ("idlg", "yin", "lrb")
 

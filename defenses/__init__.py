@@ -1,33 +1,63 @@
-"""Client-side defenses by name: ``{name = "dp", sigma = 0.01, clip = 1.0}`` in a scenario's ``[[defenses]]``.
+"""Defenses by name: ``{name = "dp", sigma = 0.01, clip = 1.0}`` in a scenario's ``[[defenses]]``.
 
-Each is a parameter model (checked at load) and a transform of the update the client is about to send.
-Several defenses apply in the order listed.
+Each registry entry is a parameter model (checked at load), the class that implements it — whose base
+declares its stage (defenses.base.Stage) — and what it needs of the scenario. Code asks the entry for
+the stage; defenses of one stage apply in the order listed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from defenses.base import Defense, DefenseContext, Params, Participation, Update, label
+from defenses.base import (
+    Accountant,
+    Defense,
+    DefenseContext,
+    FeatureDefense,
+    MessageDefense,
+    Params,
+    Participation,
+    ProtocolDefense,
+    Stage,
+    TrainingDefense,
+    Update,
+    UpdateDefense,
+    label,
+)
 from defenses.dp_sgd import DpSgd, DpSgdParams
-from defenses.features import FeatureNoise, FeatureNoiseParams, FeaturePrune, FeaturePruneParams
+from defenses.features import FeatureNoise, FeatureNoiseParams, FeaturePrune, FeaturePruneParams, needs_shared_features
 from defenses.local_dp import LocalDp, LocalDpParams
-from defenses.secagg import AGGREGATE_CLIENT, SecAgg, SecAggParams
+from defenses.secagg import AGGREGATE_CLIENT, SecAgg, SecAggParams, needs_three_clients
 from defenses.soteria import Soteria, SoteriaParams
 from defenses.update import GaussianMechanism, GaussianParams, Prune, PruneParams, Quantize, QuantizeParams
-from fl_sim.registry import Registry
+from fl_sim.base.registry import Registry
 
 
 @dataclass(frozen=True)
 class DefenseType:
     params: type[Params]
-    build: type
+    build: type[Defense]
     description: str
     protocols: tuple[str, ...] = ("fedsgd", "fedavg")  # the training protocols it can defend
+    requires: Callable[[Any], str | None] | None = None  # what it needs of the scenario (None: fine)
+
+    def __post_init__(self) -> None:
+        if not issubclass(self.build, Defense) or inspect.isabstract(self.build):
+            raise TypeError(f"{self.build.__name__} must implement one stage's base class of defenses.base")
+
+    @property
+    def stage(self) -> Stage:
+        return self.build.stage
+
+    @property
+    def accounted(self) -> bool:
+        """Whether it defines a privacy budget (ε)."""
+        return issubclass(self.build, Accountant)
 
 
 DEFENSES: Registry[DefenseType] = Registry("defense")
@@ -38,10 +68,13 @@ DEFENSES.add("quantize", DefenseType(QuantizeParams, Quantize, "k-bit uniform or
 DEFENSES.add("soteria", DefenseType(SoteriaParams, Soteria, "prune the representation layer's gradient (Soteria)"))
 DEFENSES.add("dp-sgd", DefenseType(DpSgdParams, DpSgd, "Opacus DP-SGD in local training: per-sample clipping + noise "
                                                       "(BatchNorm models are fixed to GroupNorm)"))
-DEFENSES.add("feature-prune", DefenseType(FeaturePruneParams, FeaturePrune, "shared features: prune to a higher ratio"))
-DEFENSES.add("feature-noise", DefenseType(FeatureNoiseParams, FeatureNoise, "shared features: Gaussian noise σ"))
+DEFENSES.add("feature-prune", DefenseType(FeaturePruneParams, FeaturePrune, "shared features: prune to a higher ratio",
+                                          requires=needs_shared_features))
+DEFENSES.add("feature-noise", DefenseType(FeatureNoiseParams, FeatureNoise, "shared features: Gaussian noise σ",
+                                          requires=needs_shared_features))
 DEFENSES.add("secagg", DefenseType(SecAggParams, SecAgg, "Flower's SecAgg+: the server sees only the round's "
-                                                        "aggregate, attacked as one batch of all clients' data"))
+                                                        "aggregate, attacked as one batch of all clients' data",
+                                   requires=needs_three_clients))
 DEFENSES.add("local-dp", DefenseType(LocalDpParams, LocalDp, "Flower's LocalDpMod: clip the update, Gaussian noise "
                                                              "for (ε, δ) per round", protocols=("fedavg",)))
 
@@ -52,27 +85,33 @@ def build_defense(name: str, params: dict[str, Any]) -> Defense:
     return kind.build(kind.params.model_validate(params))
 
 
-MODEL_FIXING_DEFENSES = frozenset(n for n, kind in DEFENSES.items() if hasattr(kind.build, "prepare_model"))
+def build_all(specs: Sequence[Any]) -> list[Defense]:
+    return [build_defense(s.name, s.params) for s in specs]
+
+
+def of_stage(defenses: Sequence[Defense], *stages: Stage) -> list[Any]:
+    """The defenses of the given stages, in the scenario's order."""
+    return [d for d in defenses if d.stage in stages]
 
 
 def prepare_model(specs: Sequence[Any], model: torch.nn.Module) -> torch.nn.Module:
-    """The global model as the scenario's defenses need it (dp-sgd: Opacus's BatchNorm → GroupNorm fix)."""
+    """The global model as the scenario's training-stage defenses need it (dp-sgd: Opacus's BatchNorm → GroupNorm)."""
     for spec in specs:
-        fix = getattr(DEFENSES.get(spec.name).build, "prepare_model", None)
-        model = fix(model) if fix is not None else model
+        build = DEFENSES.get(spec.name).build
+        if issubclass(build, TrainingDefense):
+            model = build.prepare_model(model)
     return model
 
 
 def epsilon(specs: Sequence[Any], participation: Participation) -> float | None:
     """Σ ε of the defenses that define one (basic composition), None if none does."""
-    budgets = [d.epsilon(participation) for d in (build_defense(s.name, s.params) for s in specs)
-               if hasattr(d, "epsilon")]
+    budgets = [d.epsilon(participation) for d in build_all(specs) if isinstance(d, Accountant)]
     return sum(budgets) if budgets else None
 
 
-def secure_aggregation(specs: Sequence[Any]) -> SecAgg | None:
-    """The scenario's SecAgg+ defense, if it has one."""
-    return next((build_defense(s.name, s.params) for s in specs if s.name == "secagg"), None)
+def secure_aggregation(specs: Sequence[Any]) -> ProtocolDefense | None:
+    """The scenario's protocol-stage defense (SecAgg+), if it has one."""
+    return next(iter(of_stage(build_all(specs), Stage.PROTOCOL)), None)
 
 
 def defense_label(specs: Sequence[Any]) -> str:
@@ -82,23 +121,24 @@ def defense_label(specs: Sequence[Any]) -> str:
 
 def defend(defenses: Sequence[Defense], update: Update, global_state: dict[str, torch.Tensor],
            param_names: set[str], ctx: DefenseContext) -> Update:
-    """Apply the update-stage ``defenses`` to the parameter part of a client's reply (message-stage ones,
-    such as local-dp, run as Flower mods around the train function instead).
+    """Apply the update-stage ``defenses`` to the parameter part of a client's reply.
 
     FedSGD: ``update`` holds gradients (+ buffers). FedAvg: it holds the new weights; the defenses see
     the change θ_local − θ_global and the reply becomes θ_global + the defended change.
     """
-    defenses = [d for d in defenses if getattr(d, "stage", "update") == "update"]
-    if not defenses:
+    transforms: list[UpdateDefense] = of_stage(defenses, Stage.UPDATE)
+    if not transforms:
         return update
     fedavg = ctx.protocol == "fedavg"
     delta = {k: (v - global_state[k]) if fedavg else v for k, v in update.items() if k in param_names}
-    for defense in defenses:
+    for defense in transforms:
         delta = defense.apply(delta, ctx)
     out = dict(update)
     out.update({k: (global_state[k] + v) if fedavg else v for k, v in delta.items()})
     return out
 
 
-__all__ = ["AGGREGATE_CLIENT", "DEFENSES", "Defense", "DefenseContext", "Participation", "build_defense", "defend",
-           "defense_label", "epsilon", "prepare_model", "secure_aggregation"]
+__all__ = ["AGGREGATE_CLIENT", "DEFENSES", "Defense", "DefenseContext", "DefenseType", "FeatureDefense",
+           "MessageDefense", "Participation", "ProtocolDefense", "Stage", "TrainingDefense", "UpdateDefense",
+           "build_all", "build_defense", "defend", "defense_label", "epsilon", "of_stage", "prepare_model",
+           "secure_aggregation"]

@@ -1,21 +1,36 @@
-"""What a client-side defense sees and returns.
+"""What a defense is: its stage in the client's round (declared by the base class it implements), what it
+sees and what it returns.
 
-A defense transforms the client's *update* before it is sent: the parameter gradient (FedSGD) or the
-parameter change θ_local − θ_global (FedAvg; the client then sends θ_global + the defended change).
-Buffers (BatchNorm running statistics) pass through unchanged.
+Stages, in the order a client's round meets them:
+
+* ``training`` — replaces the client's local optimisation (DP-SGD); may fix the global model first;
+* ``update`` — transforms the update the client is about to send: the parameter gradient (FedSGD) or the
+  parameter change θ_local − θ_global (FedAvg; the client then sends θ_global + the defended change).
+  Buffers (BatchNorm running statistics) pass through unchanged;
+* ``features`` — transforms the penultimate features a feature-sharing client sends;
+* ``message`` — a Flower client mod around the ClientApp's train function (LocalDpMod);
+* ``protocol`` — changes what the server receives at all (secure aggregation): a client mod and a server
+  workflow.
+
+A defense that defines a privacy budget also implements :class:`Accountant`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from enum import StrEnum
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from fl_sim.observation import Normalization, SharedFeatures
 
 Update = dict[str, torch.Tensor]  # parameter name → gradient or weight change, same shapes as the parameters
 
@@ -41,13 +56,74 @@ class Participation:
     steps_per_round: int  # local steps (FedSGD: 1)
 
 
-class Defense(Protocol):
-    """``stage = "update"`` (default): ``apply`` transforms the update; ``"message"``: ``mod()`` is a Flower
-    client mod wrapped around the train function."""
+class Stage(StrEnum):
+    TRAINING = "training"
+    UPDATE = "update"
+    FEATURES = "features"
+    MESSAGE = "message"
+    PROTOCOL = "protocol"
 
-    params: BaseModel
 
+class Defense(ABC):
+    """A defense with its validated parameters; subclasses declare their stage through the base they extend."""
+
+    stage: ClassVar[Stage]
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+
+class TrainingDefense(Defense):
+    """Replaces the client's local optimisation; ``prepare_model`` fixes the global model it needs (for
+    everyone, the server and so the attacker included)."""
+
+    stage = Stage.TRAINING
+
+    @staticmethod
+    def prepare_model(model: nn.Module) -> nn.Module:
+        return model
+
+    @abstractmethod
+    def local_update(self, model: nn.Module, pool: Any, batches: Sequence[np.ndarray], plan: Any,
+                     norm: Normalization, device: torch.device, seed: int) -> tuple[Update, float]:
+        """As :func:`fl_sim.training.local_update`, defended; randomness from a generator seeded by ``seed``."""
+
+
+class UpdateDefense(Defense):
+    stage = Stage.UPDATE
+
+    @abstractmethod
     def apply(self, update: Update, ctx: DefenseContext) -> Update: ...
+
+
+class FeatureDefense(Defense):
+    stage = Stage.FEATURES
+
+    @abstractmethod
+    def apply_features(self, shared: SharedFeatures, generator: torch.Generator) -> SharedFeatures: ...
+
+
+class MessageDefense(Defense):
+    stage = Stage.MESSAGE
+
+    @abstractmethod
+    def mod(self) -> Callable[..., Any]:
+        """A Flower client mod wrapped around the ClientApp's train function."""
+
+
+class ProtocolDefense(MessageDefense):
+    stage = Stage.PROTOCOL
+
+    @abstractmethod
+    def workflow(self, max_examples: int) -> Any:
+        """The Flower server workflow that runs the rounds; ``max_examples``: the most a client reports."""
+
+
+class Accountant(ABC):
+    """A defense that defines a privacy budget."""
+
+    @abstractmethod
+    def epsilon(self, p: Participation) -> float: ...
 
 
 class Params(BaseModel):

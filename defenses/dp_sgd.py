@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from defenses.base import Params, Participation, Update, rdp_epsilon
+from defenses.base import Accountant, Params, Participation, TrainingDefense, Update, rdp_epsilon
 
 
 class DpSgdParams(Params):
@@ -27,11 +27,8 @@ class DpSgdParams(Params):
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) budget the report states")
 
 
-class DpSgd:
-    stage = "training"
-
-    def __init__(self, params: DpSgdParams) -> None:
-        self.params = params
+class DpSgd(TrainingDefense, Accountant):
+    params: DpSgdParams
 
     @staticmethod
     def prepare_model(model: nn.Module) -> nn.Module:

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from defenses.base import Params
-from fl_sim.features import SharedFeatures, reprune
+from defenses.base import FeatureDefense, Params
+from fl_sim.observation.features import SharedFeatures, reprune
 
 
 def needs_shared_features(scenario: Any) -> str | None:
@@ -21,14 +21,10 @@ class FeaturePruneParams(Params):
     ratio: float = Field(0.5, ge=0, le=0.95, description="fraction of the F neurons removed (lowest activation)")
 
 
-class FeaturePrune:
+class FeaturePrune(FeatureDefense):
     """Prune the shared features further: keep the F − ⌊ratio·F⌋ largest of what the protocol kept."""
 
-    stage = "features"
-    incompatibility = staticmethod(needs_shared_features)
-
-    def __init__(self, params: FeaturePruneParams) -> None:
-        self.params = params
+    params: FeaturePruneParams
 
     def apply_features(self, shared: SharedFeatures, generator: torch.Generator) -> SharedFeatures:
         return reprune(shared, self.params.ratio)
@@ -38,14 +34,10 @@ class FeatureNoiseParams(Params):
     sigma: float = Field(0.1, ge=0, description="standard deviation of the Gaussian noise on each kept value")
 
 
-class FeatureNoise:
+class FeatureNoise(FeatureDefense):
     """Add N(0, σ²) to every kept feature value (indices are sent as they are)."""
 
-    stage = "features"
-    incompatibility = staticmethod(needs_shared_features)
-
-    def __init__(self, params: FeatureNoiseParams) -> None:
-        self.params = params
+    params: FeatureNoiseParams
 
     def apply_features(self, shared: SharedFeatures, generator: torch.Generator) -> SharedFeatures:
         noise = torch.randn(shared.values.shape, generator=generator, dtype=shared.values.dtype)

@@ -13,7 +13,7 @@ import math
 from flwr.clientapp.mod import LocalDpMod
 from pydantic import Field
 
-from defenses.base import Params, Participation
+from defenses.base import Accountant, MessageDefense, Params, Participation
 
 
 class LocalDpParams(Params):
@@ -23,11 +23,8 @@ class LocalDpParams(Params):
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of each round's release")
 
 
-class LocalDp:
-    stage = "message"
-
-    def __init__(self, params: LocalDpParams) -> None:
-        self.params = params
+class LocalDp(MessageDefense, Accountant):
+    params: LocalDpParams
 
     def mod(self) -> LocalDpMod:
         p = self.params

@@ -14,9 +14,16 @@ from typing import Any
 
 from pydantic import Field
 
-from defenses.base import Params
+from defenses.base import Params, ProtocolDefense
 
 AGGREGATE_CLIENT = -1  # the "client" of an Observation that is the whole round's aggregate
+
+
+def needs_three_clients(scenario: Any) -> str | None:
+    if scenario.federation.clients_per_round < 3:
+        return (f"SecAgg+ needs at least 3 clients per round (secret sharing), federation.clients_per_round = "
+                f"{scenario.federation.clients_per_round}")
+    return None
 
 
 class SecAggParams(Params):
@@ -28,18 +35,8 @@ class SecAggParams(Params):
                                      "default: the largest a client of the scenario reports (best precision)")
 
 
-class SecAgg:
-    stage = "protocol"
-
-    def __init__(self, params: SecAggParams) -> None:
-        self.params = params
-
-    @staticmethod
-    def incompatibility(scenario: Any) -> str | None:
-        if scenario.federation.clients_per_round < 3:
-            return (f"SecAgg+ needs at least 3 clients per round (secret sharing), federation.clients_per_round = "
-                    f"{scenario.federation.clients_per_round}")
-        return None
+class SecAgg(ProtocolDefense):
+    params: SecAggParams
 
     def mod(self):  # noqa: ANN201 - a Flower client mod
         from flwr.client.mod import secaggplus_mod

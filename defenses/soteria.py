@@ -14,9 +14,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from defenses.base import DefenseContext, Params, Update
-from fl_sim.cpu import tuned_for
-from fl_sim.features import last_linear
+from defenses.base import DefenseContext, Params, Update, UpdateDefense
+from fl_sim.base.cpu import tuned_for
+from fl_sim.observation.features import last_linear
 
 
 class SoteriaParams(Params):
@@ -24,9 +24,8 @@ class SoteriaParams(Params):
                                                       "pruned (Soteria's GS_attack example: 60%)")
 
 
-class Soteria:
-    def __init__(self, params: SoteriaParams) -> None:
-        self.params = params
+class Soteria(UpdateDefense):
+    params: SoteriaParams
 
     def apply(self, update: Update, ctx: DefenseContext) -> Update:
         model = ctx.global_model()

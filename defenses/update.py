@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from defenses.base import DefenseContext, Params, Participation, Update, rdp_epsilon
+from defenses.base import Accountant, DefenseContext, Params, Participation, Update, UpdateDefense, rdp_epsilon
 
 
 class GaussianParams(Params):
@@ -17,11 +17,10 @@ class GaussianParams(Params):
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) budget the report states")
 
 
-class GaussianMechanism:
+class GaussianMechanism(UpdateDefense, Accountant):
     """Clip the update to norm C, add N(0, (σC)²) to every entry (client-level DP, McMahan et al. 2018)."""
 
-    def __init__(self, params: GaussianParams) -> None:
-        self.params = params
+    params: GaussianParams
 
     def apply(self, update: Update, ctx: DefenseContext) -> Update:
         c, sigma = self.params.clip, self.params.sigma
@@ -39,11 +38,10 @@ class PruneParams(Params):
     ratio: float = Field(0.5, ge=0, lt=1, description="fraction of each tensor's entries set to zero (smallest |x|)")
 
 
-class Prune:
+class Prune(UpdateDefense):
     """DLG's defense: zero the smallest-magnitude fraction ``ratio`` of every update tensor."""
 
-    def __init__(self, params: PruneParams) -> None:
-        self.params = params
+    params: PruneParams
 
     def apply(self, update: Update, ctx: DefenseContext) -> Update:
         out = {}
@@ -63,11 +61,10 @@ class QuantizeParams(Params):
     bits: int = Field(8, ge=1, le=16, description="uniform: 2**bits levels between each tensor's min and max")
 
 
-class Quantize:
+class Quantize(UpdateDefense):
     """Per tensor: round to 2**bits evenly spaced levels over [min, max], or keep only signs (scaled by mean |x|)."""
 
-    def __init__(self, params: QuantizeParams) -> None:
-        self.params = params
+    params: QuantizeParams
 
     def apply(self, update: Update, ctx: DefenseContext) -> Update:
         return {k: self._quantize(v) for k, v in update.items()}

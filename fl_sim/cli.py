@@ -8,17 +8,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waitin
 
 import logging
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from fl_sim.errors import UserInputError
+from fl_sim.base.errors import UserInputError
 
 if TYPE_CHECKING:
-    from fl_sim.engines import Engine
     from fl_sim.scenario import Scenario
     from fl_sim.store import RunStore
+
+    Runner = Callable[[Scenario, RunStore, Callable[[int], None] | None], None]
 
 log = logging.getLogger("fl_sim")
 
@@ -48,8 +51,8 @@ def cli() -> None:
               help="Override a scenario key, e.g. --set federation.rounds=5 (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run folder (default runs/<name>-<time>).")
-@click.option("--engine", type=click.Choice(["inprocess", "simulation", "deployment"]),
-              help="Override the scenario's engine; deployment submits to --superlink.")
+@click.option("--engine", metavar="NAME", help="Override the scenario's engine (see fl-sim list); deployment submits "
+              "to --superlink.")
 @click.option("--superlink", metavar="HOST:PORT", help="With --engine deployment: a running SuperLink.")
 @click.option("--root-certificates", type=click.Path(dir_okay=False, path_type=Path),
               help="With --superlink: the CA certificate to verify it by (TLS); without, the connection is insecure.")
@@ -58,13 +61,13 @@ def cli() -> None:
 def run(scenario: Path | None, overrides: tuple[str, ...], out: Path | None, engine: str | None,
         superlink: str | None, root_certificates: Path | None, resume: Path | None, verbose: int) -> None:
     """Run a federation from a SCENARIO file and record what the server observes."""
-    from fl_sim.logs import configure_console
+    from fl_sim.base.logs import configure_console
 
     configure_console(verbose)
     if engine == "deployment" or superlink is not None:
         return submit_to_superlink(scenario, list(overrides), out, superlink, root_certificates, resume)
-    from fl_sim.engines import ENGINES
-    from fl_sim.federation import prepare
+    from fl_sim.federation.server import run_engine
+    from fl_sim.federation.setup import prepare
     from fl_sim.scenario import load_scenario
     from fl_sim.store import RunStore
 
@@ -81,21 +84,29 @@ def run(scenario: Path | None, overrides: tuple[str, ...], out: Path | None, eng
     else:
         loaded = load_scenario(scenario, overrides)
     if engine is not None:
-        loaded = loaded.model_copy(update={"engine": engine})
-    prepare(loaded)  # loads data and checks the federation fits it: fails before anything is written
+        loaded = with_engine(loaded, engine)
+    fed = prepare(loaded)  # loads data and checks the federation fits it: fails before anything is written
     if resume is None:
         store = RunStore.create(loaded, out)
     else:
         store.discard_unfinished()
-    from fl_sim.logs import run_log
+    from fl_sim.base.logs import run_log
 
     with run_log(store.root):
-        execute(loaded, store, ENGINES.get(loaded.engine))
+        execute(loaded, store, partial(run_engine, fed=fed))
     click.echo(f"run folder: {store.root}")
 
 
-def execute(scenario: Scenario, store: RunStore, engine: Engine) -> None:
-    """Run ``engine`` with a round progress bar; record how the run ended in run.json."""
+def with_engine(scenario: Scenario, engine: str) -> Scenario:
+    """``scenario`` on another engine, validated like the scenario key ``engine``."""
+    from fl_sim.scenario import scenario_from_dict
+
+    return scenario_from_dict(scenario.to_toml_dict() | {"engine": engine})
+
+
+def execute(scenario: Scenario, store: RunStore, runner: Runner) -> None:
+    """Run the federation (``runner(scenario, store, progress)``) with a round progress bar; record how the
+    run ended in run.json."""
     from tqdm import tqdm
 
     from fl_sim.report import report_after_run
@@ -107,7 +118,7 @@ def execute(scenario: Scenario, store: RunStore, engine: Engine) -> None:
             bar.update(server_round - bar.n)
 
         try:
-            engine(scenario, store, progress)
+            runner(scenario, store, progress)
         except KeyboardInterrupt:
             store.end("interrupted")
             report_after_run(store.root)
@@ -128,7 +139,7 @@ def submit_to_superlink(scenario: Path | None, overrides: list[str], out: Path |
     """`fl-sim run --engine deployment --superlink HOST:PORT`: the run folder is written where the ServerApp runs."""
     import tempfile
 
-    from fl_sim.deploy import check_address, scenario_text, submit
+    from fl_sim.deploy.local import check_address, scenario_text, submit
 
     if superlink is None:
         raise UserInputError("--engine deployment needs --superlink HOST:PORT (or use fl-sim deploy for a local one)")
@@ -157,7 +168,7 @@ def submit_to_superlink(scenario: Path | None, overrides: list[str], out: Path |
 def deploy(scenario: Path, nodes: int | None, overrides: tuple[str, ...], out: Path | None,
            certificates: Path | None) -> None:
     """Run SCENARIO on Flower's Deployment Engine: a SuperLink and one SuperNode per client as local processes."""
-    from fl_sim.deploy import Tls, deploy_locally
+    from fl_sim.deploy.local import Tls, deploy_locally
 
     tls = Tls(certificates).check() if certificates is not None else None
     try:
@@ -181,7 +192,7 @@ def deploy(scenario: Path, nodes: int | None, overrides: tuple[str, ...], out: P
               help="Folder for docker-compose.yml and its TLS and GPU overlays.")
 def compose(nodes: int, out: Path) -> None:
     """Write docker-compose.yml (+ .tls / .gpu overlays) for a SuperLink, the ServerApp and NODES SuperNodes."""
-    from fl_sim.compose import write
+    from fl_sim.deploy.compose import write
 
     for path in write(out, nodes):
         click.echo(f"wrote {path}")
@@ -194,7 +205,7 @@ def compose(nodes: int, out: Path) -> None:
 @click.option("--host", "hosts", multiple=True, metavar="NAME", help="Another DNS name or IP the APIs are reached at.")
 def certificates(folder: Path, nodes: int, hosts: tuple[str, ...]) -> None:
     """Write a CA and a server certificate for TLS deployments into FOLDER (prototyping only)."""
-    from fl_sim.certificates import default_names, write_certificates
+    from fl_sim.deploy.certificates import default_names, write_certificates
 
     if folder.exists() and not folder.is_dir():
         raise UserInputError(f"FOLDER '{folder}' is a file; give a folder")
@@ -214,14 +225,13 @@ def attack(run_dir: Path, attack_name: str, overrides: tuple[str, ...], verbose:
     as tldr: on the final global model, to inversion.csv)."""
     from pydantic import ValidationError
 
-    from attacks import build_attack, incompatibility
-    from fl_sim.federation import prepare
-    from fl_sim.inversion import InversionRunner, is_model_attack
-    from fl_sim.leakage import LeakageRunner
-    from fl_sim.logs import configure_console, run_log
-    from fl_sim.observation import load_observations
+    from attacks import Target, build_attack, targets
+    from fl_sim.base.logs import configure_console, run_log
+    from fl_sim.federation.setup import prepare
+    from fl_sim.leakage.model_attacks import InversionRunner
+    from fl_sim.leakage.observation_attacks import LeakageRunner
     from fl_sim.scenario import ComponentSpec, one_line, parse_value
-    from fl_sim.store import RunStore
+    from fl_sim.store import RunStore, load_observations
 
     configure_console(verbose)
     store = RunStore.open(run_dir)
@@ -238,27 +248,27 @@ def attack(run_dir: Path, attack_name: str, overrides: tuple[str, ...], verbose:
         raise UserInputError(one_line(err, prefix="--set ")) from None
     except ValueError as err:  # unknown attack name
         raise UserInputError(f"--attack: {err}") from None
-    why = incompatibility(built, scenario.model.name, scenario.training.protocol, scenario.training.optimizer)
+    why = scenario.incompatibility(built)
     if why:
         raise UserInputError(f"--attack {attack_name}: {why}")
     fed = prepare(scenario)
-    if is_model_attack(built):  # TLDR: the global model after the last finished round (the checkpoint)
+    if targets(attack_name) == Target.GLOBAL_MODEL:  # TLDR: the global model after the last finished round
         state = store.checkpoint()
         if state is None:
             raise UserInputError(f"{run_dir}: no finished round, so no global model to invert")
         with run_log(store.root):
             InversionRunner(scenario, fed, store, [ComponentSpec(name=attack_name, **params)]).run(
                 store.last_round, state)
-        click.echo(f"appended {attack_name} rows for round {store.last_round} to {store.root / 'inversion.csv'}")
+        click.echo(f"appended {attack_name} rows for round {store.last_round} to {store.layout.inversion_rows}")
         return
     runner = LeakageRunner(scenario, fed, store, [ComponentSpec(name=attack_name, **params)])
-    rounds = sorted({o.server_round for o in load_observations(store.root) if o.server_round <= store.last_round})
+    rounds = [r for r in store.layout.observed_rounds() if r <= store.last_round]
     if not rounds:
         raise UserInputError(f"{run_dir}: no finished round has saved observations to attack")
     with run_log(store.root):
         for server_round in rounds:
             runner(server_round, list(load_observations(store.root, rounds={server_round})))
-    click.echo(f"appended {attack_name} rows for rounds {rounds[0]}..{rounds[-1]} to {store.root / 'results.csv'}")
+    click.echo(f"appended {attack_name} rows for rounds {rounds[0]}..{rounds[-1]} to {store.layout.results}")
     from fl_sim.report import report_after_run
 
     if (report := report_after_run(store.root)) is not None:
@@ -292,38 +302,44 @@ def compare(scenario: Path, overrides: tuple[str, ...], out: Path | None, engine
     """Run SCENARIO under every [compare] defense setting; write one privacy–utility comparison report."""
     from datetime import datetime
 
-    from fl_sim.compare import run_comparison, settings
-    from fl_sim.engines import ENGINES
-    from fl_sim.federation import prepare
-    from fl_sim.logs import configure_console, run_log
+    from fl_sim.base.logs import configure_console, run_log
+    from fl_sim.federation.server import run_engine
+    from fl_sim.federation.setup import prepare
     from fl_sim.report.comparison import build_comparison
     from fl_sim.scenario import load_scenario
-    from fl_sim.store import RunStore
+    from fl_sim.scenario.comparison import setting_scenario, setting_slug, settings
+    from fl_sim.store import ComparisonLayout, RunLayout, RunStore
 
     configure_console(verbose)
     loaded = load_scenario(scenario, overrides)
     if engine is not None:
-        loaded = loaded.model_copy(update={"engine": engine})
+        loaded = with_engine(loaded, engine)
     if len(settings(loaded)) < 2:
         raise UserInputError("scenario key 'compare.defenses': nothing to compare; add [[compare.defenses]] entries, "
                              "e.g. {name = 'dp', sigma = [0.001, 0.01]}")
     if out is None:
         out = Path(loaded.output.dir) / f"{loaded.name}-compare-{datetime.now():%Y%m%d-%H%M%S}"
-    if out.exists() and any(out.iterdir()) and not (out / "runs").is_dir():
+    layout = ComparisonLayout(out)
+    if out.exists() and any(out.iterdir()) and not layout.runs.is_dir():
         raise UserInputError(f"--out '{out}' exists and is not a comparison folder; choose a new folder")
-    prepare(loaded)
+    prepare(loaded)  # the data fits the federation: checked before any setting runs
 
-    def run_setting(setting: Scenario, folder: Path) -> None:
-        if (folder / "run.json").is_file():  # an interrupted comparison: continue this setting's run
+    planned = [(layout.setting(i, setting_slug(d)), d) for i, d in enumerate(settings(loaded))]
+    setting_scenarios = [setting_scenario(loaded, d, folder.name) for folder, d in planned]  # all valid up front
+    folders = []
+    for (folder, _), setting in zip(planned, setting_scenarios, strict=True):  # finished settings are kept
+        folders.append(folder)
+        if RunLayout(folder).state.is_file():
             store = RunStore.open(folder)
+            if store.status == "finished":
+                log.info("%s: finished earlier, kept", folder.name)
+                continue
             store.discard_unfinished()
         else:
             store = RunStore.create(setting, folder)
         click.echo(f"setting {folder.name}", err=True)
         with run_log(store.root):
-            execute(setting, store, ENGINES.get(setting.engine))
-
-    folders = run_comparison(loaded, out, run_setting)
+            execute(store.scenario(), store, run_engine)
     click.echo(f"comparison: {build_comparison(out, folders, loaded.name, loaded.compare.metric)}")
 
 
@@ -335,8 +351,8 @@ def list_components() -> None:
     from fl_sim.data.partition import PARTITIONS
     from fl_sim.data.sources import DATASETS
     from fl_sim.engines import ENGINES
+    from fl_sim.leakage.metrics import METRICS
     from fl_sim.models import MODELS
-    from fl_sim.scoring import METRICS
 
     click.echo("datasets:")
     for name, src in DATASETS.items():

@@ -1,8 +1,11 @@
-"""Engines that drive the same ServerApp logic and ClientApp objects.
+"""Engines: the transports that drive one ServerApp and its ClientApps, by name.
 
 * ``inprocess``: an in-process Grid that hands each Message to the ClientApp directly (copying
   content both ways, as a transport would); fast, for quick runs and tests.
 * ``simulation``: Flower's Simulation Engine (Ray), via ``flwr.simulation.run_simulation``.
+
+Flower's Deployment Engine (SuperLink + SuperNodes) is :mod:`fl_sim.deploy`. An engine only moves
+messages: what the apps do is :mod:`fl_sim.federation`'s.
 """
 
 from __future__ import annotations
@@ -12,25 +15,30 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from uuid import uuid4
 
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
+from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_sim.client import build_client_app
-from fl_sim.registry import Registry
-from fl_sim.scenario import Scenario
-from fl_sim.server import build_server_app, run_federation
-from fl_sim.store import RunStore
+from fl_sim.base.registry import Registry
 
-Engine = Callable[[Scenario, RunStore, Callable[[int], None] | None], None]
-ENGINES: Registry[Engine] = Registry("engine")
 SERVER_NODE_ID = 1
+
+
+@dataclass(frozen=True)
+class Engine:
+    """``run(server_app, client_app, num_nodes, seed)``; ``shares_process``: the ClientApps run in this process
+    (so they may share what the server process has built)."""
+
+    run: Callable[[ServerApp, ClientApp, int, int], None]
+    shares_process: bool
+    description: str
 
 
 class InProcessGrid(Grid):
@@ -94,14 +102,13 @@ class InProcessGrid(Grid):
             return Message(error, reply_to=msg)
 
 
-@ENGINES.register("inprocess")
-def run_inprocess(scenario: Scenario, store: RunStore, progress: Callable[[int], None] | None) -> None:
-    grid = InProcessGrid(build_client_app(scenario), scenario.federation.num_clients, scenario.seed)
-    run_federation(grid, scenario, store, progress=progress)
+def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, seed: int) -> None:
+    grid = InProcessGrid(client_app, num_nodes, seed)
+    server_app(grid, Context(run_id=grid.run.run_id, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
+                             run_config={}))
 
 
-@ENGINES.register("simulation")
-def run_on_simulation_engine(scenario: Scenario, store: RunStore, progress: Callable[[int], None] | None) -> None:
+def run_on_simulation_engine(server_app: ServerApp, client_app: ClientApp, num_nodes: int, seed: int) -> None:
     from flwr.simulation import run_simulation
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -109,6 +116,10 @@ def run_on_simulation_engine(scenario: Scenario, store: RunStore, progress: Call
                              "logging_level": logging.ERROR, "log_to_driver": False}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_simulation(server_app=build_server_app(scenario, store, progress),
-                       client_app=build_client_app(scenario), num_supernodes=scenario.federation.num_clients,
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                        backend_config=backend)
+
+
+ENGINES: Registry[Engine] = Registry("engine")
+ENGINES.add("inprocess", Engine(run_inprocess, True, "messages handed to the ClientApps in this process"))
+ENGINES.add("simulation", Engine(run_on_simulation_engine, False, "Flower's Simulation Engine (Ray actors)"))

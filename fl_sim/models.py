@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fl_sim.errors import DataUnavailableError
-from fl_sim.registry import Registry
+from fl_sim.base.errors import DataUnavailableError
+from fl_sim.base.registry import Registry
 
 if TYPE_CHECKING:
     from fl_sim.scenario import ModelConfig
@@ -102,6 +103,13 @@ MODELS.add("lenet-relu", ModelSpec(lambda k, s, _: LeNet(k, s, act=nn.ReLU), "Le
 MODELS.add("convnet", ModelSpec(lambda k, s, _: ConvNet(k, s), "small ConvNet (3 conv-BN-ReLU-pool blocks)"))
 MODELS.add("resnet18", ModelSpec(_resnet("resnet18"), "torchvision ResNet-18", "ResNet18_Weights.IMAGENET1K_V1"))
 MODELS.add("resnet50", ModelSpec(_resnet("resnet50"), "torchvision ResNet-50", "ResNet50_Weights.IMAGENET1K_V2"))
+
+
+@functools.cache
+def structure(name: str) -> nn.Module:
+    """An untrained instance of model ``name`` (10 classes, 3×32×32 input) for questions about its structure
+    (does it have a last residual block?), never for training."""
+    return MODELS.get(name).build(10, (3, 32, 32), "cifar")
 
 
 def resolve_stem(cfg: ModelConfig, shape: Shape) -> str:

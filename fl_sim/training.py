@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from flwr.app import ConfigRecord
 from torch import nn
 
-from fl_sim.data.images import ImageSet, Normalization
+from fl_sim.data.images import ImageSet
+from fl_sim.observation import Normalization
 
 if TYPE_CHECKING:
     from fl_sim.scenario import TrainingConfig

@@ -70,10 +70,10 @@ def cli(monkeypatch, capsys):
 
 def run_inprocess(tmp_path: Path, raw: dict, name: str = "run"):
     """Run a scenario dict on the inprocess engine → (RunStore, the Observations in memory)."""
-    from fl_sim.client import build_client_app
     from fl_sim.engines import InProcessGrid
+    from fl_sim.federation.client import build_client_app
+    from fl_sim.federation.server import run_federation
     from fl_sim.scenario import scenario_from_dict
-    from fl_sim.server import run_federation
     from fl_sim.store import RunStore
 
     scenario = scenario_from_dict(raw)

@@ -13,9 +13,9 @@ from attacks.recipe import PRESETS, recipe
 from attacks.regularizers import batch_orthogonality, channel_mean_prior, l2_norm, sixth_power, total_variation
 from attacks.simulate import ClientSimulator, UnsupportedObservation
 from fl_sim.data.sources import load_dataset
+from fl_sim.leakage.single_client import fedsgd_plan, observe
 from fl_sim.models import build_model
 from fl_sim.scenario import DataConfig, ModelConfig
-from fl_sim.single_client import fedsgd_plan, observe
 from fl_sim.training import LocalTraining
 
 

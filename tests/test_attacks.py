@@ -10,14 +10,13 @@ import torch
 import attacks.batched
 import attacks.matching
 from attacks import build_attack
-from fl_sim.data.images import Normalization
 from fl_sim.data.sources import load_dataset
-from fl_sim.engines import ENGINES
+from fl_sim.federation.server import run_engine
+from fl_sim.leakage.metrics import psnr
+from fl_sim.leakage.single_client import fedsgd_plan, observe
 from fl_sim.models import build_model
-from fl_sim.observation import Observation
+from fl_sim.observation import Normalization, Observation
 from fl_sim.scenario import DataConfig, ModelConfig, scenario_from_dict
-from fl_sim.scoring import psnr
-from fl_sim.single_client import fedsgd_plan, observe
 from fl_sim.store import RunStore
 from tests.conftest import tiny
 
@@ -30,7 +29,7 @@ def rows_of(store: RunStore) -> list[dict]:
 def run(tmp_path, raw, name="run") -> RunStore:
     scenario = scenario_from_dict(raw)
     store = RunStore.create(scenario, tmp_path / name)
-    ENGINES.get("inprocess")(scenario, store, None)
+    run_engine(scenario, store, None)
     return store
 
 

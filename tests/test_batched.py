@@ -15,9 +15,9 @@ from attacks.matching import GradientDistance, weighted_norm
 from attacks.recipe import recipe
 from attacks.simulate import ClientSimulator
 from fl_sim.data.sources import load_dataset
+from fl_sim.leakage.single_client import fedsgd_plan, observe
 from fl_sim.models import build_model
 from fl_sim.scenario import DataConfig, ModelConfig
-from fl_sim.single_client import fedsgd_plan, observe
 
 
 def round_of(model_name: str, clients: int):

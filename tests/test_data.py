@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from fl_sim.base.errors import DataUnavailableError
 from fl_sim.data.partition import partition, round_batches, split_holdout
 from fl_sim.data.sources import DATASETS, OFFLINE_NAMES, _read_idx_pair, load_dataset
-from fl_sim.errors import DataUnavailableError
 from fl_sim.scenario import DataConfig
 
 OFFLINE = {  # name: (train + test size, shape, classes)

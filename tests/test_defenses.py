@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from defenses import DEFENSES, DefenseContext, Participation, build_defense, defend, defense_label
-from fl_sim.federation import prepare
+from fl_sim.federation.setup import prepare
+from fl_sim.leakage.secret import SecretLedger
 from fl_sim.scenario import ComponentSpec, expand_grid, scenario_from_dict
 from fl_sim.store import RunStore
 from fl_sim.training import LocalTraining
@@ -126,7 +127,7 @@ def test_labels_and_grids():
     ([{"name": "prun"}], None, "unknown defense 'prun' (did you mean 'prune'?)"),
     ([], {"defenses": [{"name": "dp", "sigma": [0.1, -0.1]}]}, "scenario key 'compare.defenses.0.sigma': Input"),
     ([], {"defenses": [{"name": "soterai"}]}, "scenario key 'compare.defenses.0.name': unknown defense 'soterai'"),
-    ([], {"metric": "accuracy"}, "scenario key 'compare.metric': got 'accuracy'; allowed:"),
+    ([], {"metric": "accuracy"}, "scenario key 'compare.metric': unknown metric 'accuracy'; choose one of:"),
 ])
 def test_bad_defense_settings_exit_2_with_one_line(tmp_path, write_scenario, cli, defenses, compare, message):
     raw = tiny(defenses=defenses, output={"dir": str(tmp_path / "runs")})
@@ -233,7 +234,7 @@ def test_dp_sgd_sends_opacus_clipped_per_sample_mean(tmp_path):
     store, seen = run_inprocess(tmp_path, raw)
     scenario = scenario_from_dict(raw)
     for obs in seen:
-        x, y = store.secrets.get(obs.server_round, obs.client).examples(prepare(scenario).data.train)
+        x, y = SecretLedger(store.layout).get(obs.server_round, obs.client).examples(prepare(scenario).data.train)
         expected = per_sample_clipped_mean(obs, x, y, scenario, 0.05)
         for name, value in expected.items():
             torch.testing.assert_close(obs.update[name], value, rtol=1e-4, atol=1e-7)
@@ -257,7 +258,7 @@ def test_dp_sgd_noise_and_the_model_the_attacker_sees(tmp_path):
 # --- secure aggregation (Flower's SecAgg+) ------------------------------------------------------------------
 def test_secagg_observation_is_the_weighted_mean_of_the_clients_updates(tmp_path, monkeypatch):
     from fl_sim.engines import InProcessGrid
-    from fl_sim.secret import SECRET_RECORD
+    from fl_sim.federation.protocol import EVALUATION_RECORD as SECRET_RECORD
 
     replies = []
     deliver = InProcessGrid._deliver
@@ -274,7 +275,7 @@ def test_secagg_observation_is_the_weighted_mean_of_the_clients_updates(tmp_path
         mean = sum(w * o.update[name].double() for w, o in zip(weights, round1, strict=True)) / weights.sum()
         torch.testing.assert_close(secure[0].update[name].double(), mean, atol=2e-5, rtol=0)  # SecAgg+ quantisation
     store = RunStore.open(tmp_path / "secagg")
-    secret = store.secrets.get(1, -1)
+    secret = SecretLedger(store.layout).get(1, -1)
     fed = prepare(scenario_from_dict(tiny(federation=federation)))
     plan = LocalTraining.from_scenario(scenario_from_dict(tiny(federation=federation)).training)
     union = np.concatenate([fed.batches(o.client, 1, plan)[0] for o in round1])

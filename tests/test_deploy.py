@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fl_sim.deploy import FLOWER_APP, deploy_locally, processes_under
-from fl_sim.observation import load_observations
+from fl_sim.deploy.local import FLOWER_APP, deploy_locally, processes_under
+from fl_sim.store import load_observations
 from tests.conftest import ROOT, run_inprocess, tiny
 
 DEPLOY_TMP = Path(tempfile.gettempdir()) / "fl-sim-deploy-"  # prefix of every deployment's FLWR_HOMEs
@@ -126,8 +126,8 @@ def test_compose_files_run_the_deploy_topology_with_flags_flower_accepts():
 
     import yaml
 
-    from fl_sim.compose import FILES, render
-    from fl_sim.deploy import superlink_command, supernode_command
+    from fl_sim.deploy.compose import FILES, render
+    from fl_sim.deploy.local import superlink_command, supernode_command
 
     committed = {name: yaml.safe_load((ROOT / name).read_text()) for name in FILES.values()}
     services = committed["docker-compose.yml"]["services"]
@@ -182,7 +182,7 @@ def test_certificates_name_every_host_and_chain_to_the_ca(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from fl_sim.certificates import default_names, write_certificates
+    from fl_sim.deploy.certificates import default_names, write_certificates
 
     tls = write_certificates(tmp_path / "certs", default_names(2) + ["gpu-host.example"])
     ca = x509.load_pem_x509_certificate(tls.ca.read_bytes())
@@ -198,7 +198,7 @@ def test_certificates_name_every_host_and_chain_to_the_ca(tmp_path):
 
 @pytest.mark.slow
 def test_a_tls_deployment_runs_with_certificates_and_no_insecure_connection(tmp_path, write_scenario):
-    from fl_sim.certificates import default_names, write_certificates
+    from fl_sim.deploy.certificates import default_names, write_certificates
 
     tls = write_certificates(tmp_path / "certs", default_names(0))
     folder, status = deploy_locally(write_scenario(small(rounds=1)), [], None, tmp_path / "tls", tls, echo=quiet)

@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from attacks import build_attack
-from attacks.feature_inversion import closed_form_features, feature_distance, sixth_power, squared_tv
+from attacks.feature_inversion import closed_form_features, feature_distance
+from attacks.regularizers import sixth_power
+from attacks.regularizers import squared_variation as squared_tv
 from defenses import build_defense
-from fl_sim.features import penultimate, prune, reprune
-from fl_sim.federation import prepare
-from fl_sim.observation import load_observations
+from fl_sim.federation.setup import prepare
+from fl_sim.leakage.secret import SecretLedger
+from fl_sim.leakage.single_client import fedsgd_plan, observe
+from fl_sim.observation.features import penultimate, prune, reprune
 from fl_sim.scenario import scenario_from_dict
-from fl_sim.single_client import fedsgd_plan, observe
+from fl_sim.store import load_observations
 from tests.conftest import run_inprocess, tiny
 
 
@@ -69,7 +72,7 @@ def test_clients_share_exactly_the_pruned_features_of_their_batch(tmp_path):
     model = fed.model()
     for obs in seen:
         model.load_state_dict(obs.global_state)
-        x, _ = store.secrets.get(obs.server_round, obs.client).examples(fed.data.train)
+        x, _ = SecretLedger(store.layout).get(obs.server_round, obs.client).examples(fed.data.train)
         expected = prune(penultimate(model.eval(), fed.norm.normalize(x)).detach(), 0.7)
         assert torch.equal(obs.features.indices, expected.indices)
         torch.testing.assert_close(obs.features.values, expected.values)
@@ -139,7 +142,7 @@ def test_a_pruning_sweep_gets_its_figure(tmp_path, write_scenario):
 
 def test_feature_inversion_recovers_mnist_digits_and_degrades_with_pruning():
     """DLG LeNet at initialisation (the paper's 588 MNIST features), [0, 1] input, 3 real digits."""
-    from fl_sim.data.images import Normalization
+    from fl_sim.observation import Normalization
 
     fed = prepare(scenario_from_dict(tiny(data={"dataset": "mnist5k", "normalize": False})))
     model, identity = fed.model().eval(), Normalization.identity(1)

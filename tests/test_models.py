@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fl_sim.errors import DataUnavailableError
+from fl_sim.base.errors import DataUnavailableError
 from fl_sim.models import MODELS, build_model
 from fl_sim.scenario import ModelConfig
 

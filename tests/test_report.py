@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from attacks import ObservationAttack
 from fl_sim.cli import execute
-from fl_sim.engines import ENGINES
+from fl_sim.federation.server import run_engine
 from fl_sim.report import DEFAULT_RULE, RecoveryRule, build_report
 from fl_sim.report import tables as t
 from fl_sim.report.plots import attack_colors
@@ -23,7 +24,7 @@ from fl_sim.store import RunStore
 from tests.conftest import tiny
 
 
-class Diverges:
+class Diverges(ObservationAttack):
     """An attack that blows up, as a diverging optimisation would."""
 
     def reconstruct(self, obs, model, oracle_labels=None):
@@ -34,7 +35,7 @@ def make_run(root, raw, stop_after: int | None = None):
     """A real in-process federation + attacks; ``stop_after``: interrupted (Ctrl-C) after that round."""
     scenario = scenario_from_dict(raw)
     store = RunStore.create(scenario, root)
-    engine = ENGINES.get("inprocess")
+    engine = run_engine
 
     def interrupted(s, st, progress):
         def stop(server_round):
@@ -55,13 +56,13 @@ def make_run(root, raw, stop_after: int | None = None):
 def runs(tmp_path_factory):
     """one round with idlg + a diverging ggi; three rounds of idlg + dlg; a run stopped after round 2 of 3;
     14 rounds (more than the report shows grids for)."""
-    import fl_sim.leakage
+    import fl_sim.leakage.observation_attacks
     from attacks import build_attack
 
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", str(root / "no-weights"))  # LPIPS unavailable, whatever this machine has
-        mp.setattr(fl_sim.leakage, "build_attack",
+        mp.setattr(fl_sim.leakage.observation_attacks, "build_attack",
                    lambda name, params: Diverges() if name == "ggi" else build_attack(name, params))
         fast = {"iterations": 15}
         one = make_run(root / "one", tiny(name="one", federation={"rounds": 1},
@@ -189,7 +190,7 @@ def test_same_folder_names_are_told_apart(runs, tmp_path):
     (["{missing}"], "is not an fl-sim run folder"),
     (["{one}", "{missing}"], "is not an fl-sim run folder"),
     (["{one}", "--recovered", "ssim>0.5"], "--recovered 'ssim>0.5': expected METRIC>=VALUE"),
-    (["{one}", "--recovered", "sharpness>=1"], "METRIC one of: psnr, ssim, lpips, avd, mse, label_acc"),
+    (["{one}", "--recovered", "sharpness>=1"], "METRIC one of: psnr, ssim, mse, avd, lpips, label_acc"),
     (["{one}", "--out", "{file}"], "--out '"),
 ])
 def test_bad_report_input_exits_2_with_one_line_and_writes_nothing(runs, tmp_path, cli, args, message):

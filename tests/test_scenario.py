@@ -85,7 +85,7 @@ def test_out_folder_not_clobbered(tmp_path, write_scenario, cli):
 
 def test_unknown_engine_is_a_usage_error(write_scenario, cli):
     code, _, err = cli("run", write_scenario(tiny()), "--engine", "ray")
-    assert code == 2 and "'ray' is not one of 'inprocess', 'simulation'" in err
+    assert code == 2 and "scenario key 'engine': unknown engine 'ray'; choose one of: inprocess, simulation" in err
 
 
 def test_console_script_prints_no_traceback(tmp_path, write_scenario):
@@ -120,7 +120,7 @@ def test_resolved_scenario_round_trips():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_scenarios_validate_and_fit_their_data(path):
-    from fl_sim.federation import prepare
+    from fl_sim.federation.setup import prepare
 
     scenario = load_scenario(path)
     fed = prepare(scenario)

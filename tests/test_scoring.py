@@ -6,18 +6,17 @@ import torch
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
 from attacks import Reconstruction
-from fl_sim.leakage import score
-from fl_sim.scoring import (
+from fl_sim.leakage.metrics import (
     ALEXNET_CHECKPOINT,
     MetricUnavailable,
     avd,
     label_accuracy,
     lpips_distance,
     mse,
-    pair,
     psnr,
     ssim,
 )
+from fl_sim.leakage.scoring import pair, score
 
 
 @pytest.fixture

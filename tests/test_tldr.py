@@ -23,10 +23,10 @@ from attacks.inversion_losses import (
     variation,
 )
 from fl_sim.data.sources import load_dataset
+from fl_sim.leakage.metrics import avd, ssim
+from fl_sim.leakage.nearest import pairwise_avd, pairwise_ssim
 from fl_sim.models import build_model
-from fl_sim.nearest import pairwise_avd, pairwise_ssim
 from fl_sim.scenario import DataConfig, ModelConfig
-from fl_sim.scoring import avd, ssim
 from tests.conftest import tiny
 
 GEN = torch.Generator().manual_seed(0)

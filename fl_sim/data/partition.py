@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fl_sim.registry import Registry
+from fl_sim.base.registry import Registry
 
 Partitioner = Callable[[np.ndarray, int, float, int], list[np.ndarray]]
 PARTITIONS: Registry[Partitioner] = Registry("partition")

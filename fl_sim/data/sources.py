@@ -6,6 +6,8 @@ baked into the pixels, so every score is computed on [0, 1] images.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import gzip
 import importlib.util
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fl_sim.base.errors import DataUnavailableError
+from fl_sim.base.registry import Registry
 from fl_sim.data.images import (
     DataSplits,
     FileImageSet,
@@ -26,8 +30,6 @@ from fl_sim.data.images import (
     fit_images,
     to_uint8_nchw,
 )
-from fl_sim.errors import DataUnavailableError
-from fl_sim.registry import Registry
 
 if TYPE_CHECKING:
     from fl_sim.scenario import DataConfig
@@ -63,11 +65,17 @@ def load_dataset(cfg: DataConfig) -> DataSplits:
         raise DataUnavailableError(
             f"dataset '{cfg.dataset}' is not available: {reason}; offline alternatives: {', '.join(OFFLINE_NAMES)}"
         )
-    splits = source.load(cfg)
+    splits = _load(cfg)
     if cfg.max_samples is not None and len(splits.train) > cfg.max_samples:
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(splits.train))[: cfg.max_samples])
-        splits.train = splits.train.subset(keep)  # type: ignore[attr-defined]
+        splits = dataclasses.replace(splits, train=splits.train.subset(keep))  # type: ignore[attr-defined]
     return splits
+
+
+@functools.lru_cache(maxsize=4)
+def _load(cfg: DataConfig) -> DataSplits:
+    """The dataset as its source gives it, kept for the last few configurations (image sets are read-only)."""
+    return DATASETS.get(cfg.dataset).load(cfg)
 
 
 def _package_file(package: str, *parts: str) -> Path | None:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fl_sim.atomic import write_text
+from fl_sim.base.atomic import write_text
+from fl_sim.leakage.metrics import METRICS, SCORES
 from fl_sim.report import tables
 from fl_sim.report.images import Picture, RoundImages, round_images, truth_and_reconstruction
 from fl_sim.report.inversion import InversionBlock, inversion_blocks
@@ -21,10 +22,11 @@ from fl_sim.report.plots import attack_colors, leakage_over_rounds
 from fl_sim.report.render import render_html, render_markdown
 from fl_sim.report.runs import RunData, load_run
 from fl_sim.report.summary import scenario_facts, timing_facts
-from fl_sim.report.tables import DEFAULT_RULE, DEFAULT_RULE_WHY, SCORES, RecoveryRule, fmt, label
+from fl_sim.report.tables import DEFAULT_RULE, DEFAULT_RULE_WHY, RecoveryRule, fmt, label
+from fl_sim.store import ReportFiles, RunLayout
 
 log = logging.getLogger("fl_sim")
-FILES = "report-files"
+FILES = ReportFiles.FIGURES
 MAX_GRID_ROUNDS = 12  # rounds with image grids in the report; more are spread evenly (all are in grids/)
 
 
@@ -80,13 +82,14 @@ def build_report(run_dirs: list[Path], out: Path | None = None, rule: RecoveryRu
     }
     pictures = [figure] + [p for s in sections for p in _section_pictures(s)]
     out.mkdir(parents=True, exist_ok=True)
+    files = ReportFiles(out)
     (out / FILES).mkdir(exist_ok=True)
     for picture in pictures:
         (out / picture.file).write_bytes(picture.png)
-    _write_data(out, runs, recs, stats, context, multi)
-    write_text(out / "report.md", render_markdown(context))
-    write_text(out / "report.html", render_html(context))
-    return out / "report.html"
+    _write_data(files, runs, recs, stats, context, multi)
+    write_text(files.markdown, render_markdown(context))
+    write_text(files.html, render_html(context))
+    return files.html
 
 
 def report_after_run(root: Path) -> Path | None:
@@ -136,7 +139,7 @@ def _section(run: RunData, recs: pd.DataFrame, cases: pd.DataFrame, rank: str | 
     shown = _spread(rounds, MAX_GRID_ROUNDS)
     if len(shown) < len(rounds):
         section.grid_note = (f"{len(shown)} of {len(rounds)} attacked rounds shown (evenly spread); every round's "
-                             f"grid is in {run.root / 'grids'}.")
+                             f"grid is in {RunLayout(run.root).grids}.")
     section.rounds = [g for g in (round_images(run.root, r, prefix) for r in shown) if g is not None]
     section.inversions = inversion_blocks(run, prefix)
     return section
@@ -148,11 +151,9 @@ def _section_pictures(section: RunSection) -> list[Picture]:
             + [b.picture for b in section.inversions if b.picture is not None])
 
 
-CAPTION = {"psnr": "PSNR {} dB", "ssim": "SSIM {}", "lpips": "LPIPS {}", "avd": "AVD {}", "label_acc": "labels {}"}
-
-
 def _caption(row: dict[str, Any]) -> str:
-    return " · ".join(text.format(fmt(s, row[s])) for s, text in CAPTION.items() if s in row and not _nan(row[s]))
+    captions = [(s, METRICS.get(s).caption) for s in SCORES if METRICS.get(s).caption]
+    return " · ".join(text.format(fmt(s, row[s])) for s, text in captions if s in row and not _nan(row[s]))
 
 
 def _headline_table(recs: pd.DataFrame, cases: pd.DataFrame, rule: RecoveryRule, rank: str | None,
@@ -217,15 +218,15 @@ def _utility_table(runs: list[RunData], multi: bool) -> pd.DataFrame:
     return _drop_run(pd.DataFrame(rows), multi)
 
 
-def _write_data(out: Path, runs: list[RunData], recs: pd.DataFrame, stats: pd.DataFrame,
+def _write_data(files: ReportFiles, runs: list[RunData], recs: pd.DataFrame, stats: pd.DataFrame,
                 context: dict[str, Any], multi: bool) -> None:
     """The report's data beside it: per-round statistics, headline, and (several runs) the merged rows."""
-    stats.to_csv(out / "leakage_by_round.csv", index=False)
-    context["headline"].to_csv(out / "headline.csv", index=False)
-    recs.drop(columns=["failure"]).to_csv(out / "reconstructions.csv", index=False)
+    stats.to_csv(files.table("leakage_by_round"), index=False)
+    context["headline"].to_csv(files.table("headline"), index=False)
+    recs.drop(columns=["failure"]).to_csv(files.table("reconstructions"), index=False)
     if multi:
-        pd.concat([r.results for r in runs]).to_csv(out / "results.csv", index=False)
-        pd.concat([r.metrics.assign(run=r.name) for r in runs]).to_csv(out / "metrics.csv", index=False)
+        pd.concat([r.results for r in runs]).to_csv(files.table("results"), index=False)
+        pd.concat([r.metrics.assign(run=r.name) for r in runs]).to_csv(files.table("metrics"), index=False)
 
 
 def _spread(values: list[int], limit: int) -> list[int]:

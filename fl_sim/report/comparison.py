@@ -14,22 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import torch
 
-from defenses import Participation, defense_label, epsilon
-from fl_sim.atomic import write_text
-from fl_sim.grids import grid_image, load_round
+from defenses import defense_label
+from fl_sim.base.atomic import write_text
+from fl_sim.leakage.grids import grid_image, load_round
+from fl_sim.leakage.metrics import SCORES
 from fl_sim.report import tables
 from fl_sim.report.images import Picture
 from fl_sim.report.plots import attack_colors, png
 from fl_sim.report.render import render_html, render_markdown
 from fl_sim.report.runs import RunData, load_run
-from fl_sim.report.tables import SCORES, RecoveryRule, fmt, label
-from fl_sim.scenario import Scenario
+from fl_sim.report.tables import RecoveryRule, fmt, label
+from fl_sim.store import ComparisonLayout, RunLayout
 
-FILES = "comparison-files"
 MARKERS = "osD^v<>p*hX"
 
 
@@ -38,27 +37,13 @@ class Setting:
     run: RunData
     label: str  # "none", "dp(sigma=0.01)", ...
     kind: str  # the (first) defense's name, or "none"
-    epsilon: float | None  # the privacy budget where a defense defines one
+    epsilon: float | None  # the privacy budget where a defense defines one (recorded in run.json by the run)
 
 
 def load_setting(root: Path) -> Setting:
     run = load_run(root)
     specs = run.scenario.defenses
-    return Setting(run, defense_label(specs), specs[0].name if specs else "none", _epsilon(run.scenario))
-
-
-def _epsilon(s: Scenario) -> float | None:
-    """ε at the defenses' δ after all rounds (see defenses.epsilon)."""
-    if not s.defenses:
-        return None
-    from fl_sim.federation import prepare
-
-    fed, t = prepare(s), s.training
-    shard = float(np.mean([len(x) for x in fed.shards]))
-    steps = 1 if t.protocol == "fedsgd" else (t.local_steps if not t.local_epochs else
-                                              t.local_epochs * math.ceil(shard / t.batch_size))
-    return epsilon(s.defenses, Participation(s.federation.rounds, s.federation.clients_per_round /
-                                             s.federation.num_clients, t.batch_size / shard, steps))
+    return Setting(run, defense_label(specs), specs[0].name if specs else "none", run.state.get("epsilon"))
 
 
 def comparison_table(settings: list[Setting], rule: RecoveryRule) -> pd.DataFrame:
@@ -142,7 +127,7 @@ def sweep_plot(table: pd.DataFrame, sweep: tuple[str, str, dict[str, float]], co
     return png(fig)
 
 
-def setting_grids(settings: list[Setting], attacks: list[str], pairs: int = 4) -> list[Picture]:
+def setting_grids(settings: list[Setting], attacks: list[str], files: str, pairs: int = 4) -> list[Picture]:
     """Per attack: ground truth, then each setting's reconstruction of the same (round, client) batches."""
     pictures = []
     first = settings[0].run
@@ -151,7 +136,7 @@ def setting_grids(settings: list[Setting], attacks: list[str], pairs: int = 4) -
         keys = recs[recs["attack"] == attack][["round", "client"]].drop_duplicates().head(pairs)
         truth, rows = [], {s.label: [] for s in settings}
         for rnd, client in keys.itertuples(index=False):
-            found = {s.label: load_round(s.run.root / "reconstructions" / f"round-{rnd:04d}").get((attack, client))
+            found = {s.label: load_round(RunLayout(s.run.root), rnd).get((attack, client))
                      for s in settings}
             gt = next((f["ground_truth"] for f in found.values() if f is not None), None)
             if gt is None:
@@ -162,7 +147,7 @@ def setting_grids(settings: list[Setting], attacks: list[str], pairs: int = 4) -
         if truth:
             image = grid_image([torch.cat(truth)] + [torch.cat(r) for r in rows.values()],
                                names=["ground truth", *rows])
-            pictures.append(Picture.of(image, f"{FILES}/{attack}.png",
+            pictures.append(Picture.of(image, f"{files}/{attack}.png",
                                        f"{attack}: the same clients' batches reconstructed under every setting"))
     return pictures
 
@@ -170,16 +155,18 @@ def setting_grids(settings: list[Setting], attacks: list[str], pairs: int = 4) -
 def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "ssim",
                      rule: RecoveryRule = tables.DEFAULT_RULE) -> Path:
     """comparison.html / .md / .csv in ``out`` from the setting run folders; returns the HTML path."""
+    layout = ComparisonLayout(Path(out))
+    files = layout.FIGURES
     settings = [load_setting(d) for d in run_dirs]
     table = comparison_table(settings, rule)
     attacks = sorted(set(table["attack"])) if not table.empty else []
     colors = attack_colors(attacks)
-    plot = Picture(f"{FILES}/privacy-utility.png", privacy_utility_plot(table, metric, colors),
+    plot = Picture(f"{files}/privacy-utility.png", privacy_utility_plot(table, metric, colors),
                    f"{label(metric)} against final test accuracy, one point per defense setting and attack")
-    grids = setting_grids(settings, attacks)
+    grids = setting_grids(settings, attacks, files)
     sweep = swept_parameter(settings)
     sweep_picture = None if sweep is None or table.empty else Picture(
-        f"{FILES}/sweep.png", sweep_plot(table, sweep, colors),
+        f"{files}/sweep.png", sweep_plot(table, sweep, colors),
         f"MSE, SSIM and PSNR against {sweep[0]} {sweep[1]} (mean ± std over the reconstructions)")
     unavailable = tables.unavailable(pd.concat([s.run.results for s in settings]))
     context = {
@@ -187,15 +174,15 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
         "settings": settings, "colors": colors, "plot": plot, "grids": grids, "rule": str(rule), "sweep": sweep_picture,
         "metric": label(metric), "summary": _display(table, rule, unavailable),
         "unavailable": {label(k): v for k, v in unavailable.items()},
-        "links": [(s.label, Path(s.run.root).relative_to(out).as_posix() + "/report.html") for s in settings],
+        "links": [(s.label, RunLayout(s.run.root).report.html.relative_to(out).as_posix()) for s in settings],
     }
-    (out / FILES).mkdir(parents=True, exist_ok=True)
+    (layout.root / files).mkdir(parents=True, exist_ok=True)
     for picture in [plot, *grids, *([sweep_picture] if sweep_picture else [])]:
-        (out / picture.file).write_bytes(picture.png)
-    table.to_csv(out / "comparison.csv", index=False)
-    write_text(out / "comparison.md", render_markdown(context, "comparison.md.j2"))
-    write_text(out / "comparison.html", render_html(context, "comparison.html.j2"))
-    return out / "comparison.html"
+        (layout.root / picture.file).write_bytes(picture.png)
+    table.to_csv(layout.table, index=False)
+    write_text(layout.markdown, render_markdown(context, "comparison.md.j2"))
+    write_text(layout.html, render_html(context, "comparison.html.j2"))
+    return layout.html
 
 
 def _display(table: pd.DataFrame, rule: RecoveryRule, unavailable: dict[str, str]) -> pd.DataFrame:

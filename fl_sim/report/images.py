@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fl_sim.grids import grid_image, load_round, round_grid
+from fl_sim.leakage.grids import grid_image, load_round, round_grid
+from fl_sim.store import RunLayout
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,10 @@ class Picture:
         return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
 
 
-def reconstruction_folder(run_root: Path, server_round: int) -> Path:
-    return Path(run_root) / "reconstructions" / f"round-{server_round:04d}"
-
-
 def truth_and_reconstruction(run_root: Path, server_round: int, attack: str, client: int,
                              file: str) -> Picture | None:
     """Two rows, (B, C, H, W) each: the client's private batch and the attack's paired reconstruction."""
-    found = load_round(reconstruction_folder(run_root, server_round)).get((attack, client))
+    found = load_round(RunLayout(Path(run_root)), server_round).get((attack, client))
     if found is None or "images" not in found:
         return None
     picture = grid_image([found["ground_truth"], found["images"]], names=["ground truth", attack])
@@ -58,8 +55,8 @@ class RoundImages:
 
 
 def round_images(run_root: Path, server_round: int, prefix: str) -> RoundImages | None:
-    folder = reconstruction_folder(run_root, server_round)
-    loaded = load_round(folder)
+    layout = RunLayout(Path(run_root))
+    loaded = load_round(layout, server_round)
     if not loaded:
         return None
     clients = sorted({c for _, c in loaded})
@@ -72,7 +69,7 @@ def round_images(run_root: Path, server_round: int, prefix: str) -> RoundImages 
             file = f"{prefix}round-{server_round:04d}-{attack}-{client}.png"
             recs[(attack, client)] = _strip(tensors["images"], file,
                                             f"round {server_round}, client {client}: {attack}")
-    overview = Picture.of(round_grid(folder), f"{prefix}round-{server_round:04d}.png",
+    overview = Picture.of(round_grid(layout, server_round), f"{prefix}round-{server_round:04d}.png",
                           f"round {server_round}: ground truth and reconstructions")
     return RoundImages(server_round, clients, truth, recs, overview)
 

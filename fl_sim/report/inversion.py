@@ -4,13 +4,13 @@ nearest-neighbour table per conditioned class and the per-class grid (fl_sim.inv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
 from fl_sim.report.images import Picture
 from fl_sim.report.runs import RunData
+from fl_sim.store import RunLayout
 
 COLUMNS = {  # metric → column, format
     "confidence": ("confidence", ".3f"),
@@ -40,7 +40,8 @@ class InversionBlock:
 
 def inversion_blocks(run: RunData, prefix: str) -> list[InversionBlock]:
     """``prefix``: where the report writes its pictures (e.g. ``report-files/``)."""
-    path = run.root / "inversion.csv"
+    layout = RunLayout(run.root)
+    path = layout.inversion_rows
     if not path.exists():
         return []
     frame = pd.read_csv(path, dtype={"class": str, "note": str}).fillna({"note": ""})
@@ -57,7 +58,7 @@ def inversion_blocks(run: RunData, prefix: str) -> list[InversionBlock]:
                     row[column] = format(values[metric], spec)
             rows.append(row)
         table = pd.DataFrame([r for r in rows if len(r) > 1])
-        grid = Path(run.root) / "grids" / f"inversion-round-{int(rnd):04d}-{attack}.png"
+        grid = layout.inversion_grid(int(rnd), attack)
         picture = (Picture.of(Image.open(grid), f"{prefix}inversion-round-{int(rnd):04d}-{attack}.png",
                               f"{attack}, round {rnd}: generated images per class above their nearest training images")
                    if grid.exists() else None)

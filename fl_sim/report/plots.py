@@ -14,9 +14,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from attacks import ATTACKS  # noqa: E402
+from fl_sim.leakage.metrics import METRICS, SCORES  # noqa: E402
 from fl_sim.report.tables import higher_is_better, label  # noqa: E402
 
-PLOT_SCORES = ["psnr", "ssim", "lpips", "avd", "label_acc"]
 UNIT_RANGE = {"ssim", "label_acc"}  # bounded scores get a fixed 0–1 axis so rounds and runs compare at a glance
 RUN_STYLES = ["-", "--", ":", "-."]
 RUN_MARKERS = ["o", "s", "^", "D"]
@@ -38,7 +38,7 @@ def leakage_over_rounds(stats: pd.DataFrame, utility: dict[str, pd.DataFrame], c
     """Stacked panels sharing the round axis: each score's mean over attacked clients (band: min–max),
     then the global model's test accuracy. ``stats``: tables.by_round; ``utility``: run → metrics.csv frame."""
     runs = list(utility)
-    panels = [s for s in PLOT_SCORES if s in set(stats["score"]) or s in unavailable]
+    panels = [s for s in SCORES if METRICS.get(s).plotted and (s in set(stats["score"]) or s in unavailable)]
     heights = [0.4 if s not in set(stats["score"]) else 1.0 for s in panels] + [1.0]
     fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(8, 1.9 * sum(heights) + 0.6), sharex=True, squeeze=False,
                              layout="constrained", gridspec_kw={"height_ratios": heights})

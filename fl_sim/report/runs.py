@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from fl_sim.scenario import Scenario, load_scenario
+from fl_sim.scenario import Scenario
 from fl_sim.store import METRIC_COLUMNS, RESULT_COLUMNS, RunStore
 
 
@@ -45,18 +44,18 @@ class RunData:
 
 def load_run(root: Path) -> RunData:
     """Read a run folder, finished or not; rows of a round that did not finish are left out."""
-    root = RunStore.open(root).root
-    state = json.loads((root / "run.json").read_text())
+    store = RunStore.open(root)
+    root, layout, state = store.root, store.layout, store.state()
     last = int(state.get("last_round", 0))
-    metrics = _read_csv(root / "metrics.csv", METRIC_COLUMNS)
+    metrics = _read_csv(layout.metrics, METRIC_COLUMNS)
     metrics = metrics[metrics["round"] <= last].sort_values("round").reset_index(drop=True)
-    results = _read_csv(root / "results.csv", RESULT_COLUMNS)
+    results = _read_csv(layout.results, RESULT_COLUMNS)
     results = results[results["round"] <= last].reset_index(drop=True)
     results["run"] = root.name
     results["value"] = pd.to_numeric(results["value"], errors="coerce")
     for column in ("note", "label_strategy", "defense"):
         results[column] = results[column].astype(object).fillna("").astype(str)
-    return RunData(root, root.name, load_scenario(root / "scenario.toml"), state, metrics, results)
+    return RunData(root, root.name, store.scenario(), state, metrics, results)
 
 
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:

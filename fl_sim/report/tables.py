@@ -13,28 +13,26 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from fl_sim.errors import UserInputError
-from fl_sim.scoring import METRICS
+from fl_sim.base.errors import UserInputError
+from fl_sim.leakage.metrics import METRICS, SCORES
 
 KEYS = ["run", "round", "client", "attack"]
-SCORES = ["psnr", "ssim", "lpips", "avd", "mse", "label_acc"]  # report order; label_acc is not an image metric
 
 
 def label(score: str) -> str:
     """Axis / column label with unit."""
-    return "label accuracy" if score == "label_acc" else METRICS.get(score).label
+    return METRICS.get(score).label
 
 
 def higher_is_better(score: str) -> bool:
-    return score == "label_acc" or METRICS.get(score).higher_is_better
+    return METRICS.get(score).higher_is_better
 
 
 def fmt(score: str, value: float) -> str:
+    """A score (or ``seconds``) as the tables print it."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if score == "mse":
-        return f"{value:.2e}"
-    return f"{value:.2f}" if score in ("psnr", "seconds") else f"{value:.3f}"
+    return format(value, ".2f" if score == "seconds" else METRICS.get(score).spec)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """All-pairs image similarity for nearest-neighbour search (TLDR's train-vs-test evaluation).
 
 ``pairwise_ssim(a, b)`` and ``pairwise_avd(a, b)`` take (M, C, H, W) and (T, C, H, W) batches in
-[0, 1] and return (M, T) matrices equal to ``fl_sim.scoring.ssim`` / ``avd`` on every pair (tested
+[0, 1] and return (M, T) matrices equal to ``fl_sim.leakage.metrics.ssim`` / ``avd`` on every pair (tested
 against them): SSIM as scikit-image computes it (7×7 uniform window, sample covariance, K1 0.01,
 K2 0.03, data_range 1, border of 3 pixels cropped, mean over channels); AVD as a Euclidean distance
 between weighted first- and second-order variation maps of the 8-bit-rounded images.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fl_sim.leakage.metrics import ssim_window
 
 K1, K2 = 0.01, 0.03
 
@@ -23,9 +25,7 @@ def _local_stats(x: torch.Tensor, win: int) -> tuple[torch.Tensor, torch.Tensor]
 def pairwise_ssim(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """(M, T) SSIM of every a_i against every b_j (float64)."""
     a, b = a.double(), b.double()
-    win = min(7, *a.shape[-2:]) | 1
-    if win > min(a.shape[-2:]):
-        win -= 2
+    win = ssim_window(*a.shape[-2:])
     cov_norm = win * win / (win * win - 1)
     c1, c2 = K1**2, K2**2
     mu_a, sq_a = _local_stats(a, win)

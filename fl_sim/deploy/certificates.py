@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fl_sim.deploy import Tls
+from fl_sim.deploy.local import Tls
 
 
 def default_names(nodes: int) -> list[str]:

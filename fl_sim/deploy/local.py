@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import psutil
 import tomli_w
 
-from fl_sim.errors import UserInputError
+from fl_sim.base.errors import UserInputError
 
 if TYPE_CHECKING:
     from fl_sim.scenario import Scenario
@@ -43,7 +43,7 @@ SUPERNODE_PORT = 9094
 CONNECTION = "fl-sim"  # the SuperLink connection name written into the CLI's config.toml
 FLOWER_APP = {  # [tool.flwr.app] of the app fl-sim submits (pyproject.toml has the same; tested)
     "publisher": "fl-sim",
-    "components": {"serverapp": "fl_sim.server:app", "clientapp": "fl_sim.client:app"},
+    "components": {"serverapp": "fl_sim.federation.server:app", "clientapp": "fl_sim.federation.client:app"},
     "config": {"scenario": "scenarios/quickstart.toml", "scenario-text": "", "overrides": "", "out": ""},
 }
 
@@ -326,7 +326,7 @@ def deploy_locally(path: Path, overrides: list[str], nodes: int | None, out: Pat
     import tempfile
     import threading
 
-    from fl_sim.federation import prepare
+    from fl_sim.federation.setup import prepare
     from fl_sim.store import RunStore
 
     if nodes is not None:

@@ -1,16 +1,15 @@
 """RunStore: one run folder, written incrementally so a run killed mid-way keeps its finished rounds.
 
-runs/<scenario>-<time>/
+Where each file lives is :class:`fl_sim.store.layout.RunLayout`'s; what the store writes:
+
   scenario.toml      the resolved scenario (what --resume reloads)
-  run.json           status, start / end time, last finished round
-  metrics.csv        per round: test accuracy/loss, train loss, client evaluation, timings
-  results.csv        tidy leakage rows: run, round, client, attack, defense, metric, value
-  inversion.csv      model attacks (TLDR): run, round, attack, class, metric, value, note (fl_sim.inversion)
-  observations/      round-RRRR/global.safetensors + client-CCCC.{safetensors,json}
-  secrets/           round-RRRR.json (simulation-only ground truth for scoring)
+  run.json           status, start / end time, last finished round, layout version, and what later stages
+                     need from the federation (class names, ε of the defenses)
+  metrics.csv        per round: test accuracy/loss, train loss, client evaluation, participants, timings
+  results.csv        tidy leakage rows: run, round, client, attack, defense, metric, value, label_strategy, note
+  inversion.csv      model attacks (TLDR): run, round, attack, class, metric, value, note
+  observations/      what the server saw, per round and client
   checkpoint.safetensors  global model after the last finished round
-  run.log
-  report.html, report.md, ...   written by fl_sim.report when the run ends
 """
 
 from __future__ import annotations
@@ -27,12 +26,12 @@ import tomli_w
 import torch
 from safetensors.torch import load_file
 
-from fl_sim.atomic import atomic_path, save_tensors, write_text
-from fl_sim.errors import UserInputError
-from fl_sim.observation import save_global_state, save_observation
+from fl_sim.base.atomic import atomic_path, save_tensors, write_text
+from fl_sim.base.errors import UserInputError
+from fl_sim.observation import Observation
 from fl_sim.scenario import Scenario, load_scenario
-from fl_sim.secret import SecretLedger
-from fl_sim.strategy import RoundRecord
+from fl_sim.store.layout import LAYOUT_VERSION, RunLayout, round_of
+from fl_sim.store.observations import save_global_state, save_observation
 
 RESULT_COLUMNS = ["run", "round", "client", "attack", "defense", "metric", "value", "label_strategy", "note"]
 INVERSION_COLUMNS = ["run", "round", "attack", "class", "metric", "value", "note"]
@@ -43,7 +42,7 @@ METRIC_COLUMNS = ["round", "test_loss", "test_acc", "train_loss", "eval_loss", "
 class RunStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.secrets = SecretLedger(self.root)
+        self.layout = RunLayout(self.root)
         self.record_seconds = 0.0  # time spent writing what the server observed
 
     # --- creation / reopening -------------------------------------------------------------------
@@ -59,32 +58,36 @@ class RunStore:
             raise UserInputError(f"--out '{root}' already exists and is not empty; choose a new folder or --resume it")
         root.mkdir(parents=True, exist_ok=True)
         store = cls(root)
-        (root / "scenario.toml").write_text(tomli_w.dumps(scenario.to_toml_dict()))
-        for name, columns in (("results.csv", RESULT_COLUMNS), ("metrics.csv", METRIC_COLUMNS)):
-            with open(root / name, "w", newline="") as f:
+        store.layout.scenario.write_text(tomli_w.dumps(scenario.to_toml_dict()))
+        for path, columns in ((store.layout.results, RESULT_COLUMNS), (store.layout.metrics, METRIC_COLUMNS)):
+            with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(columns)
         store._write_state({"name": root.name, "status": "running", "last_round": 0,
-                            "rounds": scenario.federation.rounds,
+                            "rounds": scenario.federation.rounds, "layout": LAYOUT_VERSION,
                             "started": datetime.now().isoformat(timespec="milliseconds")})
         return store
 
     @classmethod
     def open(cls, root: Path, arg: str = "RUN_DIR") -> RunStore:
         """An existing run folder; ``arg`` names the command-line argument in the error."""
-        root = Path(root)
-        if not (root / "run.json").is_file() or not (root / "scenario.toml").is_file():
+        layout = RunLayout(Path(root))
+        if not layout.state.is_file() or not layout.scenario.is_file():
             raise UserInputError(f"{arg} '{root}' is not an fl-sim run folder (no run.json / scenario.toml)")
-        return cls(root)
+        version = int(json.loads(layout.state.read_text()).get("layout", 1))
+        if version > LAYOUT_VERSION:
+            raise UserInputError(f"{arg} '{root}' was written by a newer fl-sim (run folder layout {version}); "
+                                 f"this version reads layouts up to {LAYOUT_VERSION}: upgrade fl-sim")
+        return cls(layout.root)
 
     def scenario(self) -> Scenario:
-        return load_scenario(self.root / "scenario.toml")
+        return load_scenario(self.layout.scenario)
 
     # --- state ----------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return json.loads((self.root / "run.json").read_text())
+        return json.loads(self.layout.state.read_text())
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        write_text(self.root / "run.json", json.dumps(state, indent=1))
+        write_text(self.layout.state, json.dumps(state, indent=1))
 
     def update_state(self, **changes: Any) -> None:
         self._write_state(self.state() | changes)
@@ -98,49 +101,49 @@ class RunStore:
         return self.root.name
 
     @property
+    def status(self) -> str:
+        return str(self.state().get("status", "unknown"))
+
+    @property
     def last_round(self) -> int:
         return int(self.state()["last_round"])
 
     def checkpoint(self) -> dict[str, torch.Tensor] | None:
-        path = self.root / "checkpoint.safetensors"
+        path = self.layout.checkpoint
         return load_file(str(path)) if path.exists() and self.last_round > 0 else None
 
     def discard_unfinished(self) -> None:
         """Drop what a killed run wrote for the round it did not finish."""
         last = self.last_round
-        for parent in ("observations", "reconstructions", "inversions"):
-            for folder in (self.root / parent).glob("round-*"):
-                if int(folder.name.split("-")[1]) > last:
-                    shutil.rmtree(folder)
-        for grid in (self.root / "grids").glob("*round-*.png"):
-            if int(grid.stem.split("round-")[1].split("-")[0]) > last:
-                grid.unlink()
-        self.secrets.discard_after(last)
-        for table in ("results.csv", "inversion.csv"):
-            _keep_rounds(self.root / table, last)
+        for path in self.layout.per_round():
+            if round_of(path) > last and path.is_dir():
+                shutil.rmtree(path)
+            elif round_of(path) > last:
+                path.unlink()
+        for table in (self.layout.results, self.layout.inversion_rows):
+            _keep_rounds(table, last)
 
     # --- per round ------------------------------------------------------------------------------------
-    def record_round(self, record: RoundRecord) -> None:
-        """Persist the round's Observations (and, apart, its Secrets) as soon as the server has them."""
+    def record_observations(self, server_round: int, global_state: dict[str, torch.Tensor],
+                            observations: list[Observation]) -> None:
+        """Persist a round's Observations as soon as the server has them."""
         t0 = time.perf_counter()
-        if record.observations:
-            save_global_state(self.root, record.server_round, record.global_state)
-        for obs in record.observations:
-            save_observation(self.root, obs)
-        for secret in record.secrets:
-            self.secrets.add(secret)
+        if observations:
+            save_global_state(self.layout, server_round, global_state)
+        for obs in observations:
+            save_observation(self.layout, obs)
         self.record_seconds += time.perf_counter() - t0
 
     def finish_round(self, server_round: int, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
         """Checkpoint + metrics row + last_round: after this the round survives a crash."""
-        save_tensors(state, self.root / "checkpoint.safetensors")
-        with open(self.root / "metrics.csv", "a", newline="") as f:
+        save_tensors(state, self.layout.checkpoint)
+        with open(self.layout.metrics, "a", newline="") as f:
             csv.DictWriter(f, METRIC_COLUMNS).writerow({"round": server_round} | metrics)
         self.update_state(last_round=server_round)
 
     def append_inversions(self, rows: list[dict[str, Any]]) -> None:
-        """Model-attack rows (fl_sim.inversion) → inversion.csv, created with its header on first use."""
-        path = self.root / "inversion.csv"
+        """Model-attack rows → inversion.csv, created with its header on first use."""
+        path = self.layout.inversion_rows
         new = not path.exists()
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, INVERSION_COLUMNS, extrasaction="ignore")
@@ -149,7 +152,7 @@ class RunStore:
             writer.writerows({"run": self.name} | row for row in rows)
 
     def append_results(self, rows: list[dict[str, Any]]) -> None:
-        with open(self.root / "results.csv", "a", newline="") as f:
+        with open(self.layout.results, "a", newline="") as f:
             csv.DictWriter(f, RESULT_COLUMNS, extrasaction="ignore").writerows(
                 {"run": self.name} | row for row in rows)
 

@@ -3,8 +3,8 @@
 Server: ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` under a ``LegacyContext`` whose
 strategy is :class:`CuriousSecAggFedAvg` — Flower's legacy FedAvg that samples clients like the
 CuriousStrategy and, in ``aggregate_fit``, records what SecAgg+ lets it see: the unmasked weighted
-mean of the sampled clients' updates, one Observation (client −1) per round. Its Secret — the union of
-the clients' batches — is rebuilt by the simulation from (seed, client, round); nothing of it
+mean of the sampled clients' updates, one Observation (client −1) per round. Its evaluation-only record — the
+union of the clients' batches — is rebuilt by the simulation from (seed, client, round); nothing of it
 travels to the server.
 
 Client: SecAgg+ sends legacy ``fitins.*`` records through ``secaggplus_mod``; :func:`legacy_fit`
@@ -29,12 +29,8 @@ from flwr.serverapp import Grid
 
 from defenses import AGGREGATE_CLIENT
 from defenses.secagg import SecAgg
-from fl_sim.federation import prepare
-from fl_sim.observation import Observation, ProtocolMeta
+from fl_sim.federation.protocol import Batches, ObservedModel, RoundRecord, fedsgd_step, observation, sample_clients
 from fl_sim.scenario import Scenario
-from fl_sim.secret import Secret
-from fl_sim.strategy import ObservedModel, RoundRecord, sample_clients
-from fl_sim.training import LocalTraining
 
 log = logging.getLogger("fl_sim")
 Update = dict[str, torch.Tensor]
@@ -60,19 +56,23 @@ def legacy_fit(msg: Message, template: dict[str, torch.Tensor],
 
 # --- server side --------------------------------------------------------------------------------
 class CuriousSecAggFedAvg(LegacyFedAvg):
-    """Flower's legacy FedAvg for the SecAgg+ workflow; records the one aggregate it is allowed to see."""
+    """Flower's legacy FedAvg for the SecAgg+ workflow; records the one aggregate it is allowed to see.
+
+    It samples like the CuriousStrategy and takes the same FedSGD step (fl_sim.federation.protocol).
+    ``union(clients, round)``: the batches of the round's clients, step by step, as the simulation knows
+    them — the aggregate's evaluation-only record (nothing of it travels to the server)."""
 
     def __init__(self, *, scenario: Scenario, observed: ObservedModel, node_clients: dict[int, int],
                  initial: dict[str, torch.Tensor], round_offset: int, on_round: Callable[[RoundRecord], None],
-                 evaluate: Callable[[int, dict[str, torch.Tensor]], tuple[float, float]]) -> None:
+                 evaluate: Callable[[int, dict[str, torch.Tensor]], tuple[float, float]],
+                 union: Callable[[list[int], int], Batches]) -> None:
         n = scenario.federation.clients_per_round
         super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n, min_evaluate_clients=0,
                          min_available_clients=n, initial_parameters=self._parameters(initial))
         self.scenario, self.observed, self.node_clients = scenario, observed, node_clients
         self.keys = list(initial)
         self.template = initial
-        self.offset, self.on_round, self.evaluate_round = round_offset, on_round, evaluate
-        self.plan = LocalTraining.from_scenario(scenario.training)
+        self.offset, self.on_round, self.evaluate_round, self.union = round_offset, on_round, evaluate, union
         self._sent: dict[int, dict[str, torch.Tensor]] = {}
         self._clients: dict[int, list[int]] = {}
 
@@ -80,10 +80,11 @@ class CuriousSecAggFedAvg(LegacyFedAvg):
     def _parameters(state: dict[str, torch.Tensor]) -> Parameters:
         return ndarrays_to_parameters([v.detach().cpu().float().numpy() for v in state.values()])
 
-    def _state(self, parameters: Parameters) -> dict[str, torch.Tensor]:
+    def _state(self, parameters: Parameters, floating: bool = False) -> dict[str, torch.Tensor]:
+        """The state dict in the template's key order (``floating``: keep the float32 wire values)."""
         arrays = parameters_to_ndarrays(parameters)
-        return {k: torch.from_numpy(np.array(a)).to(self.template[k].dtype)
-                for k, a in zip(self.keys, arrays, strict=True)}
+        state = {k: torch.from_numpy(np.array(a)) for k, a in zip(self.keys, arrays, strict=True)}
+        return state if floating else {k: v.to(self.template[k].dtype) for k, v in state.items()}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any
                       ) -> list[tuple[Any, FitIns]]:
@@ -92,7 +93,7 @@ class CuriousSecAggFedAvg(LegacyFedAvg):
                                  self.scenario.federation.clients_per_round, real)
         by_client = {c: n for n, c in self.node_clients.items()}
         proxies = client_manager.all()
-        config = dict(self.plan.to_record()) | {"server-round": real}
+        config = dict(self.observed.plan.to_record()) | {"server-round": real}
         self._sent[real], self._clients[real] = self._state(parameters), clients
         return [(proxies[str(by_client[c])], FitIns(parameters, config)) for c in clients]
 
@@ -104,23 +105,19 @@ class CuriousSecAggFedAvg(LegacyFedAvg):
         if not results:
             self.on_round(record)
             return None, {}
-        aggregate = self._state(results[0][1].parameters)  # SecAgg+ put the unmasked weighted mean in every FitRes
-        total = sum(int(r.num_examples) for _, r in results)
-        fed, plan, m = prepare(self.scenario), self.plan, self.observed
-        batches = [fed.batches(c, real, plan) for c in clients]
-        union = tuple(np.concatenate([b[step] for b in batches]) for step in range(len(batches[0])))
-        meta = ProtocolMeta(protocol=m.protocol, num_examples=total, batch_size=len(union[0]), local_steps=len(union),
-                            lr=plan.lr, optimizer=m.optimizer, momentum=m.momentum, weight_decay=m.weight_decay,
-                            batchnorm=m.batchnorm, train_loss=float("nan"))
+        # SecAgg+ put the unmasked weighted mean in every FitRes
+        aggregate = self._state(results[0][1].parameters, floating=True)
+        union = self.union(clients, real)
+        plan, m = self.observed.plan, self.observed
         if self.scenario.attacked(real, AGGREGATE_CLIENT) or self.scenario.threat_model.record == "all":
-            record.observations.append(Observation(
-                server_round=real, client=AGGREGATE_CLIENT, kind="gradient" if m.protocol == "fedsgd" else "weights",
-                global_state=sent, update=aggregate, meta=meta, normalization=m.normalization,
-                num_classes=m.num_classes, image_shape=m.image_shape))
-            record.secrets.append(Secret(real, AGGREGATE_CLIENT, union))
-        new = aggregate
-        if m.protocol == "fedsgd":  # θ ← θ − lr · mean gradient; buffers take the mean
-            new = {k: (sent[k] - m.lr * aggregate[k]) if k in m.param_names else aggregate[k] for k in self.keys}
+            reported = {"num-examples": sum(int(r.num_examples) for _, r in results), "batch-size": len(union[0]),
+                        "local-steps": len(union), "lr": plan.lr, "train-loss": float("nan"),
+                        "client-id": AGGREGATE_CLIENT}
+            observed_update = {k: v.to(self.template[k].dtype) for k, v in aggregate.items()}
+            record.observations.append(observation(real, sent, observed_update, reported, m))
+            record.batches[AGGREGATE_CLIENT] = union
+        new = fedsgd_step(sent, aggregate, plan.lr, m.param_names) if plan.protocol == "fedsgd" else {
+            k: v.to(self.template[k].dtype) for k, v in aggregate.items()}
         self.on_round(record)
         return self._parameters(new), {}
 
@@ -135,8 +132,10 @@ class CuriousSecAggFedAvg(LegacyFedAvg):
 
 def run_secagg_rounds(grid: Grid, scenario: Scenario, secagg: SecAgg, observed: ObservedModel,
                       node_clients: dict[int, int], initial: dict[str, torch.Tensor], start: int,
-                      on_round: Callable[[RoundRecord], None], end: Any) -> None:
-    """The remaining rounds on Flower's legacy DefaultWorkflow with the SecAgg+ fit workflow."""
+                      on_round: Callable[[RoundRecord], None], end: Any, union: Callable[[list[int], int], Batches],
+                      max_examples: int) -> None:
+    """The remaining rounds on Flower's legacy DefaultWorkflow with the SecAgg+ fit workflow; ``max_examples``:
+    the most examples a client reports (SecAgg+ scales updates by examples / max_weight)."""
     records: dict[int, RoundRecord] = {}
 
     def keep(record: RoundRecord) -> None:
@@ -149,10 +148,8 @@ def run_secagg_rounds(grid: Grid, scenario: Scenario, secagg: SecAgg, observed: 
         return end(records.pop(server_round), state)
 
     strategy = CuriousSecAggFedAvg(scenario=scenario, observed=observed, node_clients=node_clients, initial=initial,
-                                   round_offset=start, on_round=keep, evaluate=evaluate)
-    context = LegacyContext(Context(run_id=grid.run.run_id if hasattr(grid, "run") else 0, node_id=0,
-                                    node_config={}, state=RecordDict(), run_config={}),
+                                   round_offset=start, on_round=keep, evaluate=evaluate, union=union)
+    context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                                    run_config={}),
                             config=ServerConfig(num_rounds=scenario.federation.rounds - start), strategy=strategy)
-    fed, t = prepare(scenario), scenario.training
-    max_examples = t.batch_size if t.protocol == "fedsgd" else max(len(s) for s in fed.shards)
     DefaultWorkflow(fit_workflow=secagg.workflow(max_examples))(grid, context)

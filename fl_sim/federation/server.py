@@ -13,17 +13,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 
 from defenses import secure_aggregation
-from fl_sim.client import CLIENT_ID_QUERY, scenario_from_context
-from fl_sim.features import last_linear
-from fl_sim.federation import prepare
-from fl_sim.inversion import InversionRunner
-from fl_sim.leakage import LeakageRunner
-from fl_sim.logs import run_log
+from fl_sim.base.logs import run_log
+from fl_sim.engines import ENGINES
+from fl_sim.federation.client import CLIENT_ID_QUERY, build_client_app, scenario_from_context
+from fl_sim.federation.protocol import ObservedModel, RoundRecord
+from fl_sim.federation.setup import Federation, prepare
+from fl_sim.federation.strategy import CuriousStrategy, honest_fedavg
+from fl_sim.leakage.model_attacks import InversionRunner
+from fl_sim.leakage.observation_attacks import LeakageRunner
 from fl_sim.observation import Observation
 from fl_sim.report import report_after_run
 from fl_sim.scenario import Scenario
 from fl_sim.store import RunStore
-from fl_sim.strategy import CuriousStrategy, ObservedModel, RoundRecord
 from fl_sim.training import LocalTraining, evaluate
 
 log = logging.getLogger("fl_sim")
@@ -50,14 +51,22 @@ class RoundEnd:
     """What the server does once a round's model is aggregated: test it, attack the round's observations,
     persist the round (after which it survives a crash), report progress."""
 
-    def __init__(self, scenario: Scenario, store: RunStore, on_round_end: RoundHook | None = None,
+    def __init__(self, scenario: Scenario, fed: Federation, store: RunStore, on_round_end: RoundHook | None = None,
                  progress: Callable[[int], None] | None = None) -> None:
-        self.fed = prepare(scenario)
+        self.fed = fed
         self.store, self.on_round_end, self.progress = store, on_round_end, progress
         self.model = self.fed.model()
         self.leakage = LeakageRunner(scenario, self.fed, store)
         self.inversion = InversionRunner(scenario, self.fed, store)
         self.started = time.perf_counter()
+
+    def observed(self, record: RoundRecord) -> None:
+        """The round's observations and (apart, for the leakage stage) the batches behind them, as soon as the
+        server has them."""
+        self.store.record_observations(record.server_round, record.global_state, record.observations)
+        self.leakage.keep(record.server_round, record.batches)
+        for failure in record.failures:
+            log.warning("round %d: client failed: %s", record.server_round, failure)
 
     def test(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
         self.model.load_state_dict(state)
@@ -85,47 +94,38 @@ class RoundEnd:
         return loss, acc
 
 
-def observed_model(scenario: Scenario) -> ObservedModel:
-    fed, t = prepare(scenario), scenario.training
-    return ObservedModel(
-        protocol=t.protocol, lr=t.lr, param_names=frozenset(n for n, _ in fed.model().named_parameters()),
-        normalization=fed.norm, num_classes=fed.data.num_classes, image_shape=fed.data.shape,
-        optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, batchnorm=t.batchnorm,
-        feature_dim=last_linear(fed.model())[1].in_features)
-
-
 def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end: RoundHook | None = None,
-                   progress: Callable[[int], None] | None = None) -> None:
-    """Rounds ``store.last_round + 1 .. rounds``: train, observe, aggregate, evaluate, persist."""
-    fed = prepare(scenario)
+                   progress: Callable[[int], None] | None = None, fed: Federation | None = None) -> None:
+    """Rounds ``store.last_round + 1 .. rounds``: train, observe, aggregate, evaluate, persist. ``fed``: the
+    scenario's federation when this process has built it already."""
+    fed = fed or prepare(scenario)
     start = store.last_round
     remaining = scenario.federation.rounds - start
     if remaining <= 0:
         return
+    store.update_state(classes=fed.classes, epsilon=fed.epsilon())  # what later stages read instead of rebuilding
     initial = store.checkpoint() or {k: v.detach().cpu() for k, v in fed.model().state_dict().items()}
     node_clients = discover_clients(grid, scenario.federation.num_clients)
-    end = RoundEnd(scenario, store, on_round_end, progress)
+    end = RoundEnd(scenario, fed, store, on_round_end, progress)
     record_all = scenario.threat_model.record == "all"
+    plan = LocalTraining.from_scenario(scenario.training)
+    observed = ObservedModel.of(fed.model(), plan, fed.norm, fed.data.num_classes, fed.data.shape)
 
     def keep(server_round: int, client: int) -> bool:
         return record_all or scenario.attacked(server_round, client)
 
-    def on_round(record: RoundRecord) -> None:
-        store.record_round(record)
-        for failure in record.failures:
-            log.warning("round %d: client failed: %s", record.server_round, failure)
-
     if (secagg := secure_aggregation(scenario.defenses)) is not None:
-        from fl_sim.secagg import run_secagg_rounds
+        from fl_sim.federation.secagg import run_secagg_rounds
 
-        run_secagg_rounds(grid, scenario, secagg, observed_model(scenario), node_clients, initial, start, on_round,
-                          end)
+        run_secagg_rounds(grid, scenario, secagg, observed, node_clients, initial, start, end.observed, end,
+                          fed.union, fed.max_examples())
         return
 
-    strategy = CuriousStrategy(model=observed_model(scenario), node_clients=node_clients,
+    strategy = CuriousStrategy(honest_fedavg(scenario.federation.clients_per_round,
+                                             evaluate=scenario.data.holdout_fraction > 0),
+                               model=observed, node_clients=node_clients,
                                clients_per_round=scenario.federation.clients_per_round, seed=scenario.seed,
-                               observe=keep, on_round=on_round, round_offset=start,
-                               evaluate_holdout=scenario.data.holdout_fraction > 0)
+                               observe=keep, on_round=end.observed, round_offset=start)
 
     def central_evaluation(local_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Called by Strategy.start after each round's federated evaluation: the round is complete."""
@@ -138,22 +138,19 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
         return MetricRecord({"test-loss": loss, "test-acc": acc})
 
     strategy.start(grid, ArrayRecord({k: torch.as_tensor(v) for k, v in initial.items()}), num_rounds=remaining,
-                   train_config=LocalTraining.from_scenario(scenario.training).to_record(),
-                   evaluate_config=ConfigRecord(),
-                   evaluate_fn=central_evaluation)
+                   train_config=plan.to_record(), evaluate_config=ConfigRecord(), evaluate_fn=central_evaluation)
 
 
 def build_server_app(scenario: Scenario | None = None, store: RunStore | None = None,
-                     progress: Callable[[int], None] | None = None) -> ServerApp:
-    """A ServerApp bound to a scenario and run folder; unbound, it reads ``run_config`` (for `flwr run`)."""
+                     progress: Callable[[int], None] | None = None, fed: Federation | None = None) -> ServerApp:
+    """A ServerApp bound to a scenario and run folder (and its federation, if built); unbound, it reads
+    ``run_config`` (for `flwr run`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if store is not None and scenario is not None:
-            run_federation(grid, scenario, store, progress=progress)
-            store.end("finished")
-            report_after_run(store.root)
+        if store is not None and scenario is not None:  # an engine of this process (fl-sim run): it ends the run
+            run_federation(grid, scenario, store, progress=progress, fed=fed)
             return
         run_scenario = scenario_from_context(context)  # `flwr run` / fl-sim deploy: its own run folder and log
         out = context.run_config.get("out")
@@ -174,3 +171,14 @@ def build_server_app(scenario: Scenario | None = None, store: RunStore | None = 
 
 
 app = build_server_app()
+
+
+def run_engine(scenario: Scenario, store: RunStore, progress: Callable[[int], None] | None = None,
+               fed: Federation | None = None) -> None:
+    """The scenario's federation on its engine (fl_sim.engines): one ServerApp bound to ``store`` and a ClientApp
+    per client — sharing ``fed`` when the engine runs them in this process."""
+    engine = ENGINES.get(scenario.engine)
+    fed = fed or prepare(scenario)
+    client_app = build_client_app(scenario, fed if engine.shares_process else None)
+    engine.run(build_server_app(scenario, store, progress, fed), client_app, scenario.federation.num_clients,
+               scenario.seed)

@@ -17,7 +17,14 @@ from typing import Any
 
 import yaml
 
-from fl_sim.deploy import SUPERLINK_PORT, SUPERNODE_PORT, Tls, superexec_command, superlink_command, supernode_command
+from fl_sim.deploy.local import (
+    SUPERLINK_PORT,
+    SUPERNODE_PORT,
+    Tls,
+    superexec_command,
+    superlink_command,
+    supernode_command,
+)
 
 APP_IMAGE = "fl-sim-app:latest"
 CERTIFICATES = "/app/certificates"  # where the TLS overlay mounts ./certificates

@@ -1,10 +1,9 @@
-"""Scenario: one experiment loaded from TOML, validated once; everything downstream trusts it."""
+"""The scenario schema: one experiment as validated sections; everything downstream trusts it."""
 
 from __future__ import annotations
 
 import difflib
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,9 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from fl_sim.errors import ScenarioError
-from fl_sim.registry import Registry, UnknownNameError
-from fl_sim.scoring import DEFAULT_METRICS
+from fl_sim.base.registry import Registry, UnknownNameError
 
 
 class Section(BaseModel):
@@ -66,7 +63,7 @@ class TrainingConfig(Section):
 
 class DataConfig(Section):
     dataset: str = "mnist5k"
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: str = Field("iid", description="how shards are drawn (fl_sim.data.partition.PARTITIONS)")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition = 'dirichlet')")
     seed: int = Field(0, ge=0, description="partition / split seed")
     root: str | None = Field(None, description="folder of torchvision / scikit-learn datasets")
@@ -86,6 +83,13 @@ class DataConfig(Section):
         from fl_sim.data.sources import DATASETS
 
         return _known_name(DATASETS, v)
+
+    @field_validator("partition")
+    @classmethod
+    def _known_partition(cls, v: str) -> str:
+        from fl_sim.data.partition import PARTITIONS
+
+        return _known_name(PARTITIONS, v)
 
 
 class ModelConfig(Section):
@@ -144,15 +148,21 @@ class CompareConfig(Section):
     baseline: bool = Field(True, description="also run without any defense (the utility and leakage reference)")
     defenses: list[ComponentSpec] = Field(
         [], description="defenses to compare; a list-valued parameter is a grid, e.g. {name = 'dp', sigma = [0, 0.1]}")
-    metric: Literal["psnr", "ssim", "lpips", "avd", "mse", "label_acc"] = Field(
-        "ssim", description="the leakage axis of the privacy–utility plot")
+    metric: str = Field("ssim", description="the leakage axis of the privacy–utility plot (any score)")
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from fl_sim.leakage.metrics import METRICS
+
+        return _known_name(METRICS, v)
 
 
 class Scenario(Section):
     name: str = "scenario"
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    engine: Literal["inprocess", "simulation"] = "inprocess"
+    engine: str = Field("inprocess", description="fl_sim.engines.ENGINES")
     federation: FederationConfig = FederationConfig()
     training: TrainingConfig = TrainingConfig()
     data: DataConfig = DataConfig()
@@ -161,21 +171,36 @@ class Scenario(Section):
     threat_model: ThreatModelConfig = ThreatModelConfig()
     attacks: list[ComponentSpec] = []
     defenses: list[ComponentSpec] = []
-    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
+    metrics: list[str] = Field(default_factory=lambda: list(_image_metrics()), description="image metrics to score")
     output: OutputConfig = OutputConfig()
     compare: CompareConfig = CompareConfig()
 
-    @field_validator("attacks", "defenses", "metrics")
+    @field_validator("attacks", "defenses")
     @classmethod
     def _registered(cls, v: list[Any], info: ValidationInfo) -> list[Any]:
         from attacks import ATTACKS
         from defenses import DEFENSES
-        from fl_sim.scoring import METRICS
 
-        registry = {"attacks": ATTACKS, "defenses": DEFENSES, "metrics": METRICS}[info.field_name]
+        registry = {"attacks": ATTACKS, "defenses": DEFENSES}[info.field_name]
         for item in v:
-            _known_name(registry, item if isinstance(item, str) else item.name)
+            _known_name(registry, item.name)
         return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _image_metric(cls, v: list[str]) -> list[str]:
+        allowed = list(_image_metrics())  # label accuracy is always scored
+        for name in v:
+            if name not in allowed:
+                raise ValueError(str(UnknownNameError("metric", name, allowed)))
+        return v
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from fl_sim.engines import ENGINES
+
+        return _known_name(ENGINES, v)
 
     @model_validator(mode="after")
     def _threat_model(self) -> Scenario:
@@ -190,14 +215,14 @@ class Scenario(Section):
     @model_validator(mode="after")
     def _attack_params(self) -> Scenario:
         """Preset overrides are checked by the attack; incompatibilities are stated up front."""
-        from attacks import build_attack, incompatibility
+        from attacks import build_attack
 
         for i, spec in enumerate(self.attacks):
             try:
                 attack = build_attack(spec.name, spec.params)
             except ValidationError as err:
                 raise ValueError(one_line(err, prefix=f"attacks.{i}.")) from None
-            why = incompatibility(attack, self.model.name, self.training.protocol, self.training.optimizer)
+            why = self.incompatibility(attack)
             if why:
                 raise ValueError(f"scenario key 'attacks.{i}' ({spec.name}): {why}")
         return self
@@ -206,17 +231,27 @@ class Scenario(Section):
     def _defense_params(self) -> Scenario:
         for i, spec in enumerate(self.defenses):
             _check_defense(spec, f"defenses.{i}", self.training.protocol)
-            why = getattr(_defense_registry().get(spec.name).build, "incompatibility", lambda s: None)(self)
-            if why:
+            if why := _unmet_requirement(spec.name, self):
                 raise ValueError(f"scenario key 'defenses.{i}' ({spec.name}): {why}")
         for i, spec in enumerate(self.compare.defenses):
             try:
                 _known_name(_defense_registry(), spec.name)
             except ValueError as err:
                 raise ValueError(f"scenario key 'compare.defenses.{i}.name': {err}") from None
+            if why := _unmet_requirement(spec.name, self):
+                raise ValueError(f"scenario key 'compare.defenses.{i}' ({spec.name}): {why}")
             for setting in expand_grid(spec):
                 _check_defense(setting, f"compare.defenses.{i}", self.training.protocol)
         return self
+
+    def incompatibility(self, attack: Any) -> str | None:
+        """What in this scenario ``attack`` cannot work with (it is asked about the model's structure)."""
+        from attacks import ObservationAttack
+        from fl_sim.models import structure
+
+        if not isinstance(attack, ObservationAttack):
+            return None
+        return attack.incompatibility(structure(self.model.name), self.training.protocol, self.training.optimizer)
 
     def attacked(self, server_round: int, client: int) -> bool:
         """Client -1 is a secure aggregate of the whole round: attacked in every attacked round."""
@@ -229,10 +264,22 @@ class Scenario(Section):
         return _drop_none(self.model_dump(mode="json"))
 
 
+def _image_metrics() -> tuple[str, ...]:
+    from fl_sim.leakage.metrics import IMAGE_METRICS
+
+    return IMAGE_METRICS
+
+
 def _defense_registry() -> Registry[Any]:
     from defenses import DEFENSES
 
     return DEFENSES
+
+
+def _unmet_requirement(defense: str, scenario: Scenario) -> str | None:
+    """What the defense needs of the scenario and does not get (its registry entry says), or None."""
+    requires = _defense_registry().get(defense).requires
+    return requires(scenario) if requires is not None else None
 
 
 def _check_defense(spec: ComponentSpec, where: str, protocol: str) -> None:
@@ -280,97 +327,6 @@ def _drop_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_drop_none(v) for v in value]
     return value
-
-
-# --- loading ------------------------------------------------------------------------------------
-def load_scenario(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
-    """Read, override (``section.key=value``) and validate a scenario; ScenarioError on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScenarioError(f"scenario file '{path}' does not exist")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise ScenarioError(f"scenario file '{path}' is not UTF-8 text") from None
-    return scenario_from_toml(text, overrides, name=path.stem, source=f"scenario file '{path}'")
-
-
-def scenario_from_toml(text: str, overrides: list[str] | tuple[str, ...] = (), name: str = "scenario",
-                       source: str = "the scenario") -> Scenario:
-    """A scenario from TOML text (``name`` when it sets none); ScenarioError on any problem."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ScenarioError(f"{source} is not valid TOML: {err}") from None
-    raw.setdefault("name", name)
-    return scenario_from_dict(raw, overrides)
-
-
-def scenario_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
-    raw = dict(raw)
-    for item in overrides:
-        apply_override(raw, item)
-    check_keys(raw, Scenario, "")
-    try:
-        return Scenario.model_validate(raw)
-    except ValidationError as err:
-        raise ScenarioError(one_line(err)) from None
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """``a.b.c=value`` with value parsed as a TOML value (bare words are strings)."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ScenarioError(f"--set expects section.key=value, got '{item}'")
-    value = parse_value(text)
-    parts = key.strip().split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            node = _list_item(node, part, ".".join(parts[: i + 1]))
-            continue
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict | list):
-            raise ScenarioError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
-    if isinstance(node, list):
-        raise ScenarioError(f"--set {key}: name a key inside a list entry, e.g. attacks.0.iterations")
-    node[parts[-1]] = value
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value as TOML reads it (``3``, ``0.1``, ``true``, ``[1, 2]``); bare words are strings."""
-    try:
-        return tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text.strip()
-
-
-def _list_item(node: list[Any], part: str, where: str) -> Any:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ScenarioError(f"--set: '{where}' needs an index in 0..{len(node) - 1}")
-    return node[int(part)]
-
-
-def check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str) -> None:
-    """Unknown keys → ScenarioError naming the key, the closest match and the allowed keys."""
-    fields = model.model_fields
-    for key, value in raw.items():
-        where = f"{prefix}{key}"
-        if key not in fields:
-            if model.model_config.get("extra") == "allow":
-                continue
-            allowed = sorted(fields)
-            hint = difflib.get_close_matches(key, allowed, n=1)
-            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
-            raise ScenarioError(f"unknown key '{where}'{suggestion}; allowed in "
-                                f"{prefix.rstrip('.') or 'the top level'}: {', '.join(allowed)}")
-        sub = _section_type(fields[key].annotation)
-        if sub is not None and isinstance(value, dict):
-            check_keys(value, sub, f"{where}.")
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
 
 
 def one_line(err: ValidationError, prefix: str = "") -> str:

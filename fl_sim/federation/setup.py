@@ -1,20 +1,22 @@
-"""Federation: the data shards, model and device a scenario implies (loaded once per process)."""
+"""Federation: the data shards, model and device a scenario implies — built once per process and passed on."""
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from defenses import MODEL_FIXING_DEFENSES, prepare_model
-from fl_sim.data.images import DataSplits, Normalization
+from defenses import Participation, epsilon, prepare_model
+from fl_sim.base.errors import ScenarioError, UserInputError
+from fl_sim.data.images import DataSplits
 from fl_sim.data.partition import partition, round_batches, split_holdout
 from fl_sim.data.sources import load_dataset
-from fl_sim.errors import ScenarioError, UserInputError
 from fl_sim.models import build_model
+from fl_sim.observation import Normalization
 from fl_sim.scenario import Scenario
 from fl_sim.training import LocalTraining
 
@@ -38,17 +40,33 @@ class Federation:
         return round_batches(self.shards[client], seed=self.scenario.seed, client=client, server_round=server_round,
                              batch_size=plan.batch_size, local_steps=plan.local_steps, local_epochs=plan.local_epochs)
 
+    def union(self, clients: list[int], server_round: int) -> tuple[np.ndarray, ...]:
+        """The batches of ``clients`` in ``server_round`` joined step by step (what a secure aggregate mixes)."""
+        plan = LocalTraining.from_scenario(self.scenario.training)
+        batches = [self.batches(c, server_round, plan) for c in clients]
+        return tuple(np.concatenate([b[step] for b in batches]) for step in range(len(batches[0])))
 
-_CACHE: dict[str, Federation] = {}
+    def max_examples(self) -> int:
+        """The most examples a client reports as its weight (FedSGD: its batch; FedAvg: its shard)."""
+        t = self.scenario.training
+        return t.batch_size if t.protocol == "fedsgd" else max(len(s) for s in self.shards)
+
+    def epsilon(self) -> float | None:
+        """ε at the defenses' δ after all rounds (defenses.epsilon), None when no defense defines one."""
+        s, t = self.scenario, self.scenario.training
+        shard = float(np.mean([len(x) for x in self.shards]))
+        steps = 1 if t.protocol == "fedsgd" else (t.local_steps if not t.local_epochs else
+                                                  t.local_epochs * math.ceil(shard / t.batch_size))
+        return epsilon(s.defenses, Participation(s.federation.rounds, s.federation.clients_per_round /
+                                                 s.federation.num_clients, t.batch_size / shard, steps))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.classes or [str(c) for c in range(self.data.num_classes)]
 
 
 def prepare(scenario: Scenario) -> Federation:
     """Load data, partition it and check the federation fits it (UserInputError otherwise)."""
-    model_fixes = sorted({d.name for d in scenario.defenses if d.name in MODEL_FIXING_DEFENSES})
-    key = scenario.model_dump_json(include={"seed", "device", "federation", "data", "model", "training"})
-    key += repr(model_fixes)
-    if key in _CACHE:
-        return _CACHE[key]
     data = load_dataset(scenario.data)
     fed_cfg, d = scenario.federation, scenario.data
     if len(data.train) < 2 * fed_cfg.num_clients:
@@ -64,9 +82,7 @@ def prepare(scenario: Scenario) -> Federation:
     device = resolve_device(scenario.device)
     template = prepare_model(scenario.defenses, build_model(scenario.model, data.num_classes, data.shape,
                                                             scenario.seed))
-    fed = Federation(scenario, data, [t for t, _ in split], [h for _, h in split], norm, device, template)
-    _CACHE[key] = fed
-    return fed
+    return Federation(scenario, data, [t for t, _ in split], [h for _, h in split], norm, device, template)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from torchvision.utils import make_grid
+
+from fl_sim.store.layout import RunLayout
 
 
 def grid_image(rows: list[torch.Tensor], names: list[str] | None = None, min_side: int = 64) -> Image.Image:
@@ -23,15 +23,14 @@ def grid_image(rows: list[torch.Tensor], names: list[str] | None = None, min_sid
     return _with_row_names(picture, names, images.shape[-2] + 2) if names else picture
 
 
-def load_round(folder: Path) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
-    """(attack, client) → {ground_truth, images?, labels?} from reconstructions/round-RRRR/."""
-    return {(f.stem.rsplit("-client-", 1)[0], int(f.stem.rsplit("-client-", 1)[1])): load_file(str(f))
-            for f in sorted(Path(folder).glob("*-client-*.safetensors"))}
+def load_round(layout: RunLayout, server_round: int) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
+    """(attack, client) → {ground_truth, images?, labels?} of the round's saved reconstructions."""
+    return {key: load_file(str(path)) for key, path in layout.reconstruction_files(server_round).items()}
 
 
-def round_grid(folder: Path) -> Image.Image | None:
+def round_grid(layout: RunLayout, server_round: int) -> Image.Image | None:
     """Ground truth of every attacked client in the first row, then one row per attack (failed: gray)."""
-    loaded = load_round(folder)
+    loaded = load_round(layout, server_round)
     if not loaded:
         return None
     clients = sorted({c for _, c in loaded})

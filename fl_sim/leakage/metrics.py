@@ -1,7 +1,7 @@
 """Leakage metrics: a Reconstruction scored against the Secret, on [0, 1] images with data_range 1.
 
 Every image metric takes ``rec, gt``: (N, C, H, W) tensors in [0, 1] already paired one-to-one
-(:func:`pair`), and returns N per-image values. PSNR / SSIM / MSE are scikit-image's; AVD follows
+(:func:`fl_sim.leakage.scoring.pair`), and returns N per-image values. PSNR / SSIM / MSE are scikit-image's; AVD follows
 its authors' reference code; LPIPS is the ``lpips`` package with the real AlexNet backbone, or
 unavailable (with the reason) when torchvision's AlexNet checkpoint is not on disk.
 """
@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-from fl_sim.registry import Registry
+from fl_sim.base.registry import Registry
 
 ALEXNET_CHECKPOINT = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet ImageNet weights, used by lpips
 
@@ -30,10 +29,20 @@ class MetricUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Metric:
-    fn: Callable[[torch.Tensor, torch.Tensor], np.ndarray]
+    """A leakage score. Image metrics have ``fn(rec, gt)`` → per-image values; label accuracy (``fn`` None) is
+    scored from the recovered labels (:func:`label_accuracy`). The registry's order is the report's order."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], np.ndarray] | None
     higher_is_better: bool
     description: str
     label: str  # axis / column label with unit
+    spec: str = ".3f"  # format of a value in tables
+    caption: str = ""  # the short form under an image, "{}" for the value ("" : not shown)
+    plotted: bool = True  # a panel of the leakage-over-rounds figure
+
+    @property
+    def image(self) -> bool:
+        return self.fn is not None
 
 
 METRICS: Registry[Metric] = Registry("metric")
@@ -54,9 +63,15 @@ def psnr(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
     return np.array([peak_signal_noise_ratio(gi, ri, data_range=1.0) for ri, gi in zip(r, g, strict=True)])
 
 
+def ssim_window(height: int, width: int) -> int:
+    """scikit-image's 7×7 window, or the largest odd window that fits a smaller image."""
+    side = min(7, height, width)
+    return side if side % 2 else side - 1
+
+
 def ssim(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
     r, g = _check(rec, gt)
-    win = min(7, *r.shape[-2:]) | 1  # odd window no larger than the image
+    win = ssim_window(*r.shape[-2:])
     return np.array([structural_similarity(gi, ri, data_range=1.0, channel_axis=0, win_size=win)
                      for ri, gi in zip(r, g, strict=True)])
 
@@ -116,18 +131,17 @@ def lpips_distance(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
     return values.flatten().double().numpy()
 
 
-METRICS.add("psnr", Metric(psnr, True, "peak signal-to-noise ratio, dB (scikit-image, data_range 1)", "PSNR (dB)"))
-METRICS.add("ssim", Metric(ssim, True, "structural similarity (scikit-image, data_range 1)", "SSIM"))
-METRICS.add("mse", Metric(mse, False, "mean squared error on [0, 1] images", "MSE"))
-METRICS.add("avd", Metric(avd, False, "absolute variation distance (c1 = 1, c2 = 0.5)", "AVD"))
-METRICS.add("lpips", Metric(lpips_distance, False, "LPIPS, AlexNet backbone", "LPIPS"))
-DEFAULT_METRICS = ("psnr", "ssim", "mse", "avd", "lpips")
-
-
-def pair(rec: torch.Tensor, gt: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """One-to-one assignment (Hungarian, on per-pair MSE): indices (rec_idx, gt_idx) of the pairs."""
-    cost = ((rec.detach().flatten(1)[:, None].double() - gt.detach().flatten(1)[None].double()) ** 2).mean(-1)
-    return linear_sum_assignment(cost.cpu().numpy())
+METRICS.add("psnr", Metric(psnr, True, "peak signal-to-noise ratio, dB (scikit-image, data_range 1)", "PSNR (dB)",
+                           ".2f", "PSNR {} dB"))
+METRICS.add("ssim", Metric(ssim, True, "structural similarity (scikit-image, data_range 1)", "SSIM", caption="SSIM {}"))
+METRICS.add("mse", Metric(mse, False, "mean squared error on [0, 1] images", "MSE", ".2e", plotted=False))
+METRICS.add("avd", Metric(avd, False, "absolute variation distance (c1 = 1, c2 = 0.5)", "AVD", caption="AVD {}"))
+METRICS.add("lpips", Metric(lpips_distance, False, "LPIPS, AlexNet backbone", "LPIPS", caption="LPIPS {}"))
+METRICS.add("label_acc", Metric(None, True, "recovered labels, multiset overlap with the true ones", "label accuracy",
+                                caption="labels {}"))
+SCORES = tuple(METRICS.in_order())  # every score, in report order
+IMAGE_METRICS = tuple(n for n in SCORES if METRICS.get(n).image)
+DEFAULT_METRICS = IMAGE_METRICS
 
 
 def label_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> float:

@@ -1,13 +1,15 @@
 """ClientApp (Flower Message API): local FedSGD / FedAvg training on the client's shard, evaluation.
 
-The reply carries exactly what a real client sends — one ArrayRecord (gradient or weights) and
-one MetricRecord (num-examples and protocol metadata) — plus the simulation's evaluation-only
-Secret record (the dataset indices used), which the curious strategy strips before observing.
+The reply carries exactly what a real client sends — one ArrayRecord (gradient or weights) and one
+MetricRecord (num-examples and protocol metadata), plus shared features when the scenario has clients
+share them — and the simulation's evaluation-only record of the batches it used, which the curious
+strategy strips before observing (fl_sim.federation.protocol).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,26 +18,38 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from defenses import DefenseContext, build_defense, defend
-from fl_sim.features import FEATURES_RECORD, SharedFeatures, penultimate, prune
-from fl_sim.federation import Federation, prepare
-from fl_sim.scenario import Scenario
-from fl_sim.secagg import is_legacy_fit, legacy_fit
-from fl_sim.secret import SECRET_RECORD, Secret
+from defenses import DefenseContext, Stage, build_all, defend, of_stage
+from fl_sim.federation.protocol import (
+    EVALUATION_RECORD,
+    FEATURES_RECORD,
+    client_metrics,
+    evaluation_record,
+    features_record,
+)
+from fl_sim.federation.secagg import is_legacy_fit, legacy_fit
+from fl_sim.federation.setup import Federation, prepare
+from fl_sim.observation import SharedFeatures
+from fl_sim.observation.features import penultimate, prune
+from fl_sim.scenario import Scenario, load_scenario, scenario_from_toml
 from fl_sim.training import LocalTraining, evaluate, local_update
 
 CLIENT_ID_QUERY = "query.client_id"
 
 
-def build_client_app(scenario: Scenario | None = None) -> ClientApp:
-    """A ClientApp for ``scenario``; with None it reads ``run_config['scenario']`` (a path, for `flwr run`)."""
+def build_client_app(scenario: Scenario | None = None, federation: Federation | None = None) -> ClientApp:
+    """A ClientApp for ``scenario`` (and its ``federation``, if already built in this process); with None it
+    reads the scenario from the run config (``flwr run``, fl-sim deploy). The federation is built on first
+    use and kept for the scenario it belongs to."""
     app = ClientApp()
+    held: dict[str, Any] = {"scenario": scenario, "federation": federation}
 
     def current(context: Context) -> Scenario:
         return scenario if scenario is not None else scenario_from_context(context)
 
-    def federation(context: Context) -> Federation:
-        return prepare(current(context))
+    def federation_of(scenario_now: Scenario) -> Federation:
+        if held["federation"] is None or held["scenario"] != scenario_now:
+            held["scenario"], held["federation"] = scenario_now, prepare(scenario_now)
+        return held["federation"]
 
     @app.query("client_id")
     def client_id(msg: Message, context: Context) -> Message:
@@ -44,16 +58,15 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
     def message_defenses(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         """The scenario's defenses that are Flower mods (LocalDpMod, secaggplus_mod) around this train call."""
         handler = call_next
-        for defense in reversed([build_defense(d.name, d.params) for d in current(context).defenses]):
-            if hasattr(defense, "mod"):
-                handler = partial(defense.mod(), call_next=handler)
+        for defense in reversed(of_stage(build_all(current(context).defenses), Stage.MESSAGE, Stage.PROTOCOL)):
+            handler = partial(defense.mod(), call_next=handler)
         return handler(msg, context)
 
     def local_round(context: Context, global_state: dict[str, torch.Tensor], config: Any
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Secret, SharedFeatures | None]:
-        """This client's defended update, its metrics, the Secret (the batches it used), shared features."""
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[np.ndarray, ...], SharedFeatures | None]:
+        """This client's defended update, its metrics, the batches it used, its shared features."""
         scenario_now = current(context)  # read once: with `flwr run` it comes from the run-config file
-        fed, client = prepare(scenario_now), _client(context)
+        fed, client = federation_of(scenario_now), _client(context)
         server_round = int(config["server-round"])
         plan = LocalTraining.from_record(config)
         model = fed.model()
@@ -62,8 +75,8 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
         batches = fed.batches(client, server_round, plan)
         seeds = np.random.SeedSequence([fed.scenario.seed, client, server_round]).generate_state(2)
         torch.manual_seed(int(seeds[0]))
-        defenses = [build_defense(d.name, d.params) for d in scenario_now.defenses]
-        trainer = next((d for d in defenses if getattr(d, "stage", "") == "training"), None)
+        defenses = build_all(scenario_now.defenses)
+        trainer = next(iter(of_stage(defenses, Stage.TRAINING)), None)
         if trainer is not None:  # dp-sgd: the defense is the local optimisation itself
             update, loss = trainer.local_update(model, fed.data.train, batches, plan, fed.norm, fed.device,
                                                 int(seeds[1]))
@@ -78,30 +91,27 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
                             {k: v.cpu() for k, v in global_state.items()}, param_names, ctx)
         shared = None
         if scenario_now.features.share:  # pruned penultimate features of the batch under the received model
-            shared = share_features(_eval_copy(fed, global_state), fed, batches[0], scenario_now, defenses,
-                                    torch.Generator().manual_seed(int(seeds[1]) + 1))
-        used = sum(len(b) for b in batches)
-        metrics = {"num-examples": used if plan.protocol == "fedsgd" else len(fed.shards[client]),
-                   "train-loss": loss, "client-id": client, "batch-size": len(batches[0]),
-                   "local-steps": len(batches), "lr": plan.lr}
-        return update, metrics, Secret(server_round, client, tuple(batches)), shared
+            shared = share_features(_eval_copy(fed, global_state), fed, batches[0], scenario_now.features.prune,
+                                    defenses, torch.Generator().manual_seed(int(seeds[1]) + 1))
+        metrics = client_metrics(client, batches, loss, plan, len(fed.shards[client]))
+        return update, metrics, tuple(batches), shared
 
     @app.train(mods=[message_defenses])
     def train(msg: Message, context: Context) -> Message:
-        if is_legacy_fit(msg):  # SecAgg+ runs on Flower's legacy workflow: FitIns in, FitRes out, no Secret
-            template = federation(context).template.state_dict()
+        if is_legacy_fit(msg):  # SecAgg+ runs on Flower's legacy workflow: FitIns in, FitRes out, nothing else
+            template = federation_of(current(context)).template.state_dict()
             return legacy_fit(msg, template, lambda state, config: local_round(context, state, config)[:2])
-        update, metrics, secret, shared = local_round(context, msg.content["arrays"].to_torch_state_dict(),
-                                                      msg.content["config"])
+        update, metrics, batches, shared = local_round(context, msg.content["arrays"].to_torch_state_dict(),
+                                                       msg.content["config"])
         content = RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics),
-                              SECRET_RECORD: secret.to_record()})
+                              EVALUATION_RECORD: evaluation_record(batches)})
         if shared is not None:
-            content[FEATURES_RECORD] = ArrayRecord({"values": shared.values, "indices": shared.indices})
+            content[FEATURES_RECORD] = features_record(shared)
         return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate_holdout(msg: Message, context: Context) -> Message:
-        fed, client = federation(context), _client(context)
+        fed, client = federation_of(current(context)), _client(context)
         model = fed.model()
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         loss, acc, n = evaluate(model, fed.data.train, fed.holdouts[client], fed.norm, fed.device)
@@ -111,15 +121,14 @@ def build_client_app(scenario: Scenario | None = None) -> ClientApp:
     return app
 
 
-def share_features(model: torch.nn.Module, fed: Federation, batch: np.ndarray, scenario: Scenario,
+def share_features(model: torch.nn.Module, fed: Federation, batch: np.ndarray, ratio: float,
                    defenses: list[Any], generator: torch.Generator) -> SharedFeatures:
-    """Features of ``batch`` under the global model, pruned as the scenario says, then feature defenses."""
+    """Features of ``batch`` under the global model, pruned to ``ratio``, then the feature-stage defenses."""
     x, _ = fed.data.train.batch(batch)
     with torch.no_grad():
-        shared = prune(penultimate(model, fed.norm.normalize(x.to(fed.device))).cpu(), scenario.features.prune)
-    for defense in defenses:
-        if getattr(defense, "stage", "") == "features":
-            shared = defense.apply_features(shared, generator)
+        shared = prune(penultimate(model, fed.norm.normalize(x.to(fed.device))).cpu(), ratio)
+    for defense in of_stage(defenses, Stage.FEATURES):
+        shared = defense.apply_features(shared, generator)
     return shared
 
 
@@ -137,17 +146,13 @@ def scenario_from_context(context: Context) -> Scenario:
     """The scenario of a `flwr run`: the TOML text in run-config ``scenario-text`` (what ``fl-sim deploy``
     sends, so no file has to exist where the apps run) or the file ``scenario``, relative to the working
     directory or the app folder; ``overrides`` is a ';'-separated list of section.key=value."""
-    from pathlib import Path
-
-    from fl_sim.scenario import load_scenario, scenario_from_toml
-
     config = context.run_config
     overrides = [s for s in str(config.get("overrides", "")).split(";") if s.strip()]
     if text := str(config.get("scenario-text", "")):
         return scenario_from_toml(text, overrides)
     path = Path(str(config["scenario"]))
     if not path.is_absolute() and not path.exists():
-        path = Path(__file__).resolve().parents[1] / path  # relative to the app folder (a checkout)
+        path = Path(__file__).resolve().parents[2] / path  # relative to the app folder (a checkout)
     return load_scenario(path, overrides)
 
 

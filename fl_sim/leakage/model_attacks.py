@@ -15,27 +15,24 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from attacks import build_attack
-from attacks.tldr import Inversion
-from fl_sim.atomic import atomic_path, save_tensors
-from fl_sim.federation import Federation
-from fl_sim.grids import grid_image
-from fl_sim.nearest import pairwise_avd, pairwise_ssim
+from attacks import ATTACKS, Inversion, Target, build_attack
+from fl_sim.base.atomic import atomic_path, save_tensors
+from fl_sim.leakage.grids import grid_image
+from fl_sim.leakage.metrics import MetricUnavailable, lpips_distance
+from fl_sim.leakage.nearest import pairwise_avd, pairwise_ssim
 from fl_sim.scenario import ComponentSpec, Scenario
-from fl_sim.scoring import MetricUnavailable, lpips_distance
 from fl_sim.store import RunStore
+
+if TYPE_CHECKING:
+    from fl_sim.federation.setup import Federation
 
 log = logging.getLogger("fl_sim")
 DRAWS = 10
-
-
-def is_model_attack(attack: object) -> bool:
-    return getattr(attack, "target", "observation") == "global-model"
 
 
 def nearest(generated: torch.Tensor, train: torch.Tensor, test: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
@@ -82,8 +79,8 @@ class InversionRunner:
     def __init__(self, scenario: Scenario, fed: Federation, store: RunStore,
                  specs: list[ComponentSpec] | None = None) -> None:
         self.scenario, self.fed, self.store = scenario, fed, store
-        built = [(spec.name, build_attack(spec.name, spec.params)) for spec in specs or scenario.attacks]
-        self.attacks = [(name, attack) for name, attack in built if is_model_attack(attack)]
+        self.attacks = [(spec.name, build_attack(spec.name, spec.params)) for spec in specs or scenario.attacks
+                        if ATTACKS.get(spec.name).target == Target.GLOBAL_MODEL]
         if self.attacks:
             pool = np.concatenate(fed.shards)
             self.train, self.train_labels = fed.data.train.images(pool), np.asarray(fed.data.train.labels)[pool]
@@ -126,19 +123,18 @@ class InversionRunner:
             lpips, note = {"lpips_train": np.full(len(inv.images), math.nan)}, f"unavailable: {err}"
         self._append(server_round, name, rows + inversion_rows(inv, found, self.train_labels, lpips, note))
         nearest_train = self.train[found["nearest_train"]]
-        folder = self.store.root / "inversions" / f"round-{server_round:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        layout = self.store.layout
+        layout.inversions(server_round).mkdir(parents=True, exist_ok=True)
         save_tensors({"images": inv.images.contiguous(), "labels": inv.labels, "confidence": inv.confidence,
-                      "nearest_train": nearest_train.contiguous()}, folder / f"{name}.safetensors")
+                      "nearest_train": nearest_train.contiguous()}, layout.inversion(server_round, name))
         per_class = inv.images.shape[0] // max(1, len(inv.labels.unique()))
         rows_img: list[torch.Tensor] = []
         for cls in inv.labels.unique():
             mask = inv.labels == cls
             rows_img += [inv.images[mask][:per_class], nearest_train[mask][:per_class]]
         names = [n for cls in inv.labels.unique().tolist() for n in (f"class {cls}", "nearest train")]
-        grids = self.store.root / "grids"
-        grids.mkdir(exist_ok=True)
-        with atomic_path(grids / f"inversion-round-{server_round:04d}-{name}.png") as tmp:
+        layout.grids.mkdir(exist_ok=True)
+        with atomic_path(layout.inversion_grid(server_round, name)) as tmp:
             grid_image(rows_img, names).save(tmp, format="png")
 
     def _append(self, server_round: int, name: str, rows: list[dict[str, Any]]) -> None:

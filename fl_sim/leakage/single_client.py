@@ -1,7 +1,7 @@
 """One client's Observation and Secret outside a federation — for benchmarks and quick experiments.
 
-Runs exactly the client's local update (:func:`fl_sim.training.local_update`) from the model's
-current weights, as the federation's ClientApp does.
+Runs exactly the client's local update (:func:`fl_sim.training.local_update`) from the model's current
+weights and builds the Observation as the curious strategy does (:func:`fl_sim.federation.protocol.observation`).
 """
 
 from __future__ import annotations
@@ -12,27 +12,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from fl_sim.data.images import ImageSet, Normalization
-from fl_sim.observation import Observation, ProtocolMeta
-from fl_sim.secret import Secret
+from fl_sim.data.images import ImageSet
+from fl_sim.federation.protocol import ObservedModel, client_metrics, observation
+from fl_sim.leakage.secret import Secret
+from fl_sim.observation import Normalization, Observation
 from fl_sim.training import LocalTraining, local_update
 
 
 def observe(model: nn.Module, pool: ImageSet, batches: list[np.ndarray], plan: LocalTraining,
             norm: Normalization, num_classes: int, device: torch.device | str = "cpu",
             server_round: int = 1, client: int = 0) -> tuple[Observation, Secret]:
-    """(what the server sees, what the client used) for one local update on ``batches``."""
+    """(what the server sees, what the client used) for one local update on ``batches``; the client
+    reports the examples it used as its weight."""
     device = torch.device(device)
     global_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     local = copy.deepcopy(model).to(device)
     update, loss = local_update(local, pool, batches, plan, norm, device)
-    meta = ProtocolMeta(protocol=plan.protocol, num_examples=sum(len(b) for b in batches),
-                        batch_size=len(batches[0]), local_steps=len(batches), lr=plan.lr, optimizer=plan.optimizer,
-                        momentum=plan.momentum, weight_decay=plan.weight_decay, batchnorm=plan.batchnorm,
-                        train_loss=loss)
-    kind = "gradient" if plan.protocol == "fedsgd" else "weights"
-    obs = Observation(server_round, client, kind, global_state, {k: v.cpu() for k, v in update.items()}, meta, norm,
-                      num_classes, pool.shape)
+    reported = client_metrics(client, batches, loss, plan, shard_size=sum(len(b) for b in batches))
+    obs = observation(server_round, global_state, {k: v.cpu() for k, v in update.items()}, reported,
+                      ObservedModel.of(model, plan, norm, num_classes, pool.shape))
     return obs, Secret(server_round, client, tuple(np.asarray(b) for b in batches))
 
 

@@ -1,0 +1,43 @@
+"""Scoring one Reconstruction against its Secret's images: pair them one-to-one, then one tidy row per metric."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from attacks import Reconstruction
+from fl_sim.leakage.metrics import METRICS, MetricUnavailable, label_accuracy
+
+Pairing = tuple[np.ndarray, np.ndarray]  # (reconstruction indices, ground-truth indices)
+
+
+def pair(rec: torch.Tensor, gt: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one assignment (Hungarian, on per-pair MSE): indices (rec_idx, gt_idx) of the pairs."""
+    cost = ((rec.detach().flatten(1)[:, None].double() - gt.detach().flatten(1)[None].double()) ** 2).mean(-1)
+    return linear_sum_assignment(cost.cpu().numpy())
+
+
+def score(rec: Reconstruction, gt_images: torch.Tensor, gt_labels: torch.Tensor, metrics: list[str],
+          pairing: Pairing | None = None) -> list[dict[str, Any]]:
+    """Rows (metric, value, note) for one reconstruction; images are paired one-to-one first."""
+    rows: list[dict[str, Any]] = [{"metric": "failed", "value": float(rec.failure is not None),
+                                   "note": rec.failure or ""},
+                                  {"metric": "iterations", "value": rec.iterations, "note": ""},
+                                  {"metric": "seconds", "value": round(rec.seconds, 4), "note": ""}]
+    if rec.labels is not None:
+        rows.append({"metric": "label_acc", "value": label_accuracy(rec.labels, gt_labels), "note": ""})
+    if rec.failure is not None:
+        return rows
+    ri, gi = pairing if pairing is not None else pair(rec.images, gt_images)
+    rec_p, gt_p = rec.images[ri], gt_images[gi]
+    for name in metrics:
+        try:
+            value, note = float(METRICS.get(name).fn(rec_p, gt_p).mean()), ""
+        except MetricUnavailable as err:
+            value, note = math.nan, f"unavailable: {err}"
+        rows.append({"metric": name, "value": value, "note": note})
+    return rows
