@@ -47,7 +47,8 @@ class DefenseType:
     requires: Callable[[Any], str | None] | None = None  # what it needs of the scenario (None: fine)
 
     def __post_init__(self) -> None:
-        if not issubclass(self.build, Defense) or inspect.isabstract(self.build):
+        stage_bases = (TrainingDefense, UpdateDefense, FeatureDefense, MessageDefense)  # ProtocolDefense ⊂ Message
+        if not issubclass(self.build, stage_bases) or inspect.isabstract(self.build):
             raise TypeError(f"{self.build.__name__} must implement one stage's base class of defenses.base")
 
     @property

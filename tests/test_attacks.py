@@ -155,3 +155,13 @@ def test_cpu_and_gpu_agree():
     cpu = attack.reconstruct(obs, model)
     gpu = attack.reconstruct(obs, model.cuda())
     torch.testing.assert_close(cpu.images, gpu.images, atol=1e-3, rtol=1e-3)
+
+
+def test_every_attack_declares_what_it_targets():
+    from attacks import ATTACKS, AttackType, Target
+
+    targets = {name: kind.target for name, kind in ATTACKS.items()}
+    assert {n for n, t in targets.items() if t == Target.GLOBAL_MODEL} == {"tldr", "tldr-inversion"}
+    assert all(isinstance(build_attack(n, {}), ATTACKS.get(n).kind) for n in ATTACKS)
+    with pytest.raises(TypeError, match="must extend ObservationAttack or ModelAttack"):
+        AttackType(lambda params: object(), object)

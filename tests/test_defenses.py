@@ -309,3 +309,32 @@ def test_compare_again_keeps_finished_settings(comparison):
     assert result.exit_code == 0, result.output
     assert {p: p.stat().st_mtime_ns for p in (comparison / "runs").glob("*/results.csv")} == before
     assert (comparison / "comparison.html").is_file()
+
+
+def test_the_comparison_reads_epsilon_from_the_runs_without_rebuilding_a_federation(comparison, monkeypatch):
+    """ε is recorded in run.json during each run; the comparison report needs no federation to state it."""
+    import json
+
+    import fl_sim.federation.setup
+    from fl_sim.report.comparison import build_comparison
+
+    states = {p.parent.name: json.loads(p.read_text()) for p in (comparison / "runs").glob("*/run.json")}
+    assert all(s["classes"] == [str(c) for c in range(10)] for s in states.values())
+    assert [s["epsilon"] is None for s in states.values()].count(False) == 2  # the two dp settings
+    monkeypatch.setattr(fl_sim.federation.setup, "prepare", lambda *_: pytest.fail("the report rebuilt a federation"))
+    before = pd.read_csv(comparison / "comparison.csv")
+    build_comparison(comparison, sorted((comparison / "runs").iterdir()), "cmp")
+    pd.testing.assert_frame_equal(pd.read_csv(comparison / "comparison.csv"), before)
+
+
+def test_every_defense_declares_its_stage_through_its_base_class():
+    from defenses import DEFENSES, DefenseType, Stage
+    from defenses.base import Defense, Params
+
+    stages = {name: kind.stage for name, kind in DEFENSES.items()}
+    assert stages == {"dp": Stage.UPDATE, "prune": Stage.UPDATE, "quantize": Stage.UPDATE, "soteria": Stage.UPDATE,
+                      "dp-sgd": Stage.TRAINING, "feature-prune": Stage.FEATURES, "feature-noise": Stage.FEATURES,
+                      "local-dp": Stage.MESSAGE, "secagg": Stage.PROTOCOL}
+    assert {n for n, k in DEFENSES.items() if k.accounted} == {"dp", "dp-sgd", "local-dp"}
+    with pytest.raises(TypeError, match="must implement one stage"):
+        DefenseType(Params, Defense, "the abstract base is no defense")

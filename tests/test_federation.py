@@ -210,3 +210,41 @@ def test_simulation_engine_gives_the_same_observations_as_inprocess(tmp_path):
         assert a.meta.train_loss == pytest.approx(b.meta.train_loss, rel=1e-5)
         for k in a.update:
             torch.testing.assert_close(a.update[k], b.update[k], rtol=1e-5, atol=1e-7)
+
+
+# --- the curious strategy as a wrapper -------------------------------------------------------------------
+def test_curious_strategy_wraps_a_weighted_mean_and_checks_it_at_construction(caplog):
+    from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian
+
+    from fl_sim.federation.protocol import ObservedModel
+    from fl_sim.federation.strategy import CuriousStrategy, honest_fedavg
+    from fl_sim.training import LocalTraining
+
+    scenario = scenario_from_dict(tiny())
+    fed = prepare(scenario)
+    observed = ObservedModel.of(fed.model(), LocalTraining.from_scenario(scenario.training), fed.norm, 10,
+                                fed.data.shape)
+    kwargs = dict(model=observed, node_clients={11: 0, 12: 1, 13: 2}, clients_per_round=2, seed=0,
+                  observe=lambda r, c: True, on_round=lambda record: None)
+    for inner in (FedAvgM(), FedMedian()):  # server momentum / a median: not the mean FedSGD's step needs
+        with pytest.raises(ValueError, match="weighted mean"):
+            CuriousStrategy(inner, **kwargs)
+    with pytest.raises(ValueError, match="fraction_train = 1.0"):
+        CuriousStrategy(FedAvg(fraction_train=0.5), **kwargs)
+    strategy = CuriousStrategy(honest_fedavg(2, evaluate=True), **kwargs)
+    with caplog.at_level("INFO"):
+        strategy.summary()
+    assert "CuriousStrategy: 2 of 3 clients" in caplog.text
+    fedavg = dataclasses.replace(observed, plan=dataclasses.replace(observed.plan, protocol="fedavg"))
+    CuriousStrategy(FedMedian(), **kwargs | {"model": fedavg})  # FedAvg replies are weights: any aggregate
+
+
+def test_a_run_folder_of_a_newer_layout_is_refused_with_a_clear_message(tmp_path, cli):
+    import json
+
+    store, _ = run(tmp_path, tiny(federation={"rounds": 1}))
+    state = json.loads(store.layout.state.read_text())
+    assert state["layout"] == 1 and state["classes"] == [str(c) for c in range(10)] and state["epsilon"] is None
+    store.update_state(layout=99)
+    code, _, err = cli("report", store.root)
+    assert code == 2 and "newer fl-sim (run folder layout 99)" in err and err.count("\n") == 1

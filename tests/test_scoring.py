@@ -115,3 +115,16 @@ def test_label_accuracy_is_a_multiset_overlap():
     assert label_accuracy(torch.tensor([1, 1, 2]), torch.tensor([2, 1, 1])) == 1.0
     assert label_accuracy(torch.tensor([1, 1, 1]), torch.tensor([2, 1, 1])) == pytest.approx(2 / 3)
     assert label_accuracy(torch.tensor([3, 4]), torch.tensor([1, 2])) == 0.0
+
+
+@pytest.mark.parametrize("side", [4, 5, 6, 7, 8])
+def test_ssim_on_small_images_uses_the_largest_odd_window_that_fits(side):
+    from fl_sim.leakage.nearest import pairwise_ssim
+
+    gen = torch.Generator().manual_seed(side)
+    a, b = torch.rand(2, 3, side, side, generator=gen), torch.rand(2, 3, side, side, generator=gen)
+    window = min(7, side) - (1 - min(7, side) % 2)
+    want = [structural_similarity(x.double().numpy(), y.double().numpy(), data_range=1.0, channel_axis=0,
+                                  win_size=window) for x, y in zip(b, a, strict=True)]
+    np.testing.assert_allclose(ssim(a, b), want)
+    np.testing.assert_allclose(pairwise_ssim(a, b).diagonal().numpy(), want, rtol=1e-10)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -18,6 +19,33 @@ from pydantic import (
 )
 
 from fl_sim.base.registry import Registry, UnknownNameError
+
+
+def _registry(kind: str) -> Registry[Any]:
+    """The registry whose names are the valid values of ``kind`` (imported when a scenario is validated)."""
+    from attacks import ATTACKS
+    from defenses import DEFENSES
+    from fl_sim.data.partition import PARTITIONS
+    from fl_sim.data.sources import DATASETS
+    from fl_sim.engines import ENGINES
+    from fl_sim.leakage.metrics import METRICS
+    from fl_sim.models import MODELS
+
+    return {"attack": ATTACKS, "defense": DEFENSES, "partition": PARTITIONS, "dataset": DATASETS,
+            "engine": ENGINES, "metric": METRICS, "model": MODELS}[kind]
+
+
+def registered(kind: str) -> AfterValidator:
+    """A field validator: the value must be a name in ``kind``'s registry."""
+    return AfterValidator(lambda name: _known_name(_registry(kind), name))
+
+
+def _known_name(registry: Registry[Any], name: str) -> str:
+    try:
+        registry.get(name)
+    except UnknownNameError as err:
+        raise ValueError(str(err)) from None
+    return name
 
 
 class Section(BaseModel):
@@ -62,8 +90,8 @@ class TrainingConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: str = "mnist5k"
-    partition: str = Field("iid", description="how shards are drawn (fl_sim.data.partition.PARTITIONS)")
+    dataset: Annotated[str, registered("dataset")] = "mnist5k"
+    partition: Annotated[str, registered("partition")] = Field("iid", description="how shards are drawn")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition = 'dirichlet')")
     seed: int = Field(0, ge=0, description="partition / split seed")
     root: str | None = Field(None, description="folder of torchvision / scikit-learn datasets")
@@ -77,33 +105,11 @@ class DataConfig(Section):
     min_faces_per_person: int = Field(20, ge=1, description="dataset = 'lfw'")
     normalize: bool = Field(True, description="feed the model (x - mean) / std; scores always use [0, 1] images")
 
-    @field_validator("dataset")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from fl_sim.data.sources import DATASETS
-
-        return _known_name(DATASETS, v)
-
-    @field_validator("partition")
-    @classmethod
-    def _known_partition(cls, v: str) -> str:
-        from fl_sim.data.partition import PARTITIONS
-
-        return _known_name(PARTITIONS, v)
-
-
 class ModelConfig(Section):
-    name: str = "lenet"
+    name: Annotated[str, registered("model")] = "lenet"
     pretrained: bool = Field(False, description="torchvision ImageNet weights (must be on disk)")
     weights: str | None = Field(None, description="state-dict file (.pt / .safetensors) to start from")
     stem: Literal["auto", "cifar", "imagenet"] = "auto"
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from fl_sim.models import MODELS
-
-        return _known_name(MODELS, v)
 
     @field_validator("weights")
     @classmethod
@@ -148,21 +154,14 @@ class CompareConfig(Section):
     baseline: bool = Field(True, description="also run without any defense (the utility and leakage reference)")
     defenses: list[ComponentSpec] = Field(
         [], description="defenses to compare; a list-valued parameter is a grid, e.g. {name = 'dp', sigma = [0, 0.1]}")
-    metric: str = Field("ssim", description="the leakage axis of the privacy–utility plot (any score)")
-
-    @field_validator("metric")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from fl_sim.leakage.metrics import METRICS
-
-        return _known_name(METRICS, v)
-
+    metric: Annotated[str, registered("metric")] = Field(
+        "ssim", description="the leakage axis of the privacy–utility plot (any score)")
 
 class Scenario(Section):
     name: str = "scenario"
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    engine: str = Field("inprocess", description="fl_sim.engines.ENGINES")
+    engine: Annotated[str, registered("engine")] = "inprocess"
     federation: FederationConfig = FederationConfig()
     training: TrainingConfig = TrainingConfig()
     data: DataConfig = DataConfig()
@@ -177,13 +176,9 @@ class Scenario(Section):
 
     @field_validator("attacks", "defenses")
     @classmethod
-    def _registered(cls, v: list[Any], info: ValidationInfo) -> list[Any]:
-        from attacks import ATTACKS
-        from defenses import DEFENSES
-
-        registry = {"attacks": ATTACKS, "defenses": DEFENSES}[info.field_name]
+    def _registered(cls, v: list[ComponentSpec], info: ValidationInfo) -> list[ComponentSpec]:
         for item in v:
-            _known_name(registry, item.name)
+            _known_name(_registry(info.field_name.removesuffix("s")), item.name)
         return v
 
     @field_validator("metrics")
@@ -194,13 +189,6 @@ class Scenario(Section):
             if name not in allowed:
                 raise ValueError(str(UnknownNameError("metric", name, allowed)))
         return v
-
-    @field_validator("engine")
-    @classmethod
-    def _known_engine(cls, v: str) -> str:
-        from fl_sim.engines import ENGINES
-
-        return _known_name(ENGINES, v)
 
     @model_validator(mode="after")
     def _threat_model(self) -> Scenario:
@@ -235,7 +223,7 @@ class Scenario(Section):
                 raise ValueError(f"scenario key 'defenses.{i}' ({spec.name}): {why}")
         for i, spec in enumerate(self.compare.defenses):
             try:
-                _known_name(_defense_registry(), spec.name)
+                _known_name(_registry("defense"), spec.name)
             except ValueError as err:
                 raise ValueError(f"scenario key 'compare.defenses.{i}.name': {err}") from None
             if why := _unmet_requirement(spec.name, self):
@@ -270,15 +258,9 @@ def _image_metrics() -> tuple[str, ...]:
     return IMAGE_METRICS
 
 
-def _defense_registry() -> Registry[Any]:
-    from defenses import DEFENSES
-
-    return DEFENSES
-
-
 def _unmet_requirement(defense: str, scenario: Scenario) -> str | None:
     """What the defense needs of the scenario and does not get (its registry entry says), or None."""
-    requires = _defense_registry().get(defense).requires
+    requires = _registry("defense").get(defense).requires
     return requires(scenario) if requires is not None else None
 
 
@@ -286,7 +268,7 @@ def _check_defense(spec: ComponentSpec, where: str, protocol: str) -> None:
     """Unknown parameters (with the closest one), bad values and an unsupported protocol, as one line."""
     from defenses import build_defense
 
-    kind = _defense_registry().get(spec.name)
+    kind = _registry("defense").get(spec.name)
     if protocol not in kind.protocols:
         raise ValueError(f"scenario key '{where}' ({spec.name}): defends only training.protocol = "
                          f"{' or '.join(repr(p) for p in kind.protocols)}, the scenario uses '{protocol}'")
@@ -311,14 +293,6 @@ def expand_grid(spec: ComponentSpec) -> list[ComponentSpec]:
         return [spec]
     combos = itertools.product(*(spec.params[k] for k in keys))
     return [ComponentSpec(name=spec.name, **(spec.params | dict(zip(keys, values, strict=True)))) for values in combos]
-
-
-def _known_name(registry: Registry[Any], name: str) -> str:
-    try:
-        registry.get(name)
-    except UnknownNameError as err:
-        raise ValueError(str(err)) from None
-    return name
 
 
 def _drop_none(value: Any) -> Any:
