@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -23,6 +22,7 @@ from attacks.base import ObservationAttack, Reconstruction
 from attacks.optimize import divergence, stalled
 from attacks.regularizers import sixth_power, squared_variation
 from fl_sim.base.cpu import tuned_for
+from fl_sim.base.streams import ATTACK_START
 from fl_sim.observation import Observation
 from fl_sim.observation.features import SharedFeatures, last_linear, penultimate, prune
 
@@ -100,9 +100,7 @@ class FeatureInversion(ObservationAttack):
         except FeatureUnavailable as err:
             return Reconstruction(torch.zeros(0, *obs.image_shape), None, "", failure=str(err))
         values, indices = target.values.to(device), target.indices.to(device)
-        client = obs.client if obs.client >= 0 else 2**32 + obs.client
-        generator = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([r.seed, obs.server_round, client]).generate_state(1)[0]))
+        generator = torch.Generator().manual_seed(ATTACK_START.seed(r.seed, 0, obs.server_round, obs.client))
         x = torch.rand((len(values), *obs.image_shape), generator=generator).to(device).requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=r.lr)
         trace: list[float] = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,14 +30,8 @@ from attacks.regularizers import (
 )
 from attacks.simulate import ClientSimulator, UnsupportedObservation
 from fl_sim.base.cpu import tuned_for
+from fl_sim.base.streams import ATTACK_START
 from fl_sim.observation import Observation
-
-
-def start_seed(seed: int, restart: int, obs: Observation) -> int:
-    """Each (round, client, restart) gets its own random start, reproducible from the recipe seed
-    (a secure aggregate, client −1, is keyed 2**32 − 1)."""
-    client = obs.client if obs.client >= 0 else 2**32 + obs.client
-    return int(np.random.SeedSequence([seed, restart, obs.server_round, client]).generate_state(1)[0])
 
 
 class GradientInversion(ObservationAttack):
@@ -104,7 +97,7 @@ class GradientInversion(ObservationAttack):
 
         trials: list[Trial] = []
         for k in range(r.restarts):
-            gen = torch.Generator().manual_seed(start_seed(r.seed, k, obs))
+            gen = torch.Generator().manual_seed(ATTACK_START.seed(r.seed, k, obs.server_round, obs.client))
             z0 = self._init(sim.num_images, obs, gen).to(device)
             logits0 = (torch.randn(sim.num_images, obs.num_classes, generator=gen).to(device)
                        if self.joint_labels else None)
@@ -154,7 +147,7 @@ class GradientInversion(ObservationAttack):
                 continue
             priors = self._priors(sim, obs)
             for k in range(r.restarts):
-                gen = torch.Generator().manual_seed(start_seed(r.seed, k, obs))
+                gen = torch.Generator().manual_seed(ATTACK_START.seed(r.seed, k, obs.server_round, obs.client))
                 z0 = self._init(sim.num_images, obs, gen)
                 logits0 = torch.randn(sim.num_images, obs.num_classes, generator=gen) if self.joint_labels else None
                 problems.append(Problem(sim.target, labels, z0, logits0))

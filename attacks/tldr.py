@@ -36,6 +36,7 @@ from attacks.inversion_losses import (
 )
 from attacks.labels import last_linear
 from attacks.optimize import divergence
+from fl_sim.base.streams import GENERATOR_DRAWS, GENERATOR_INIT
 from fl_sim.observation import Normalization
 
 
@@ -119,8 +120,8 @@ class NetworkInversion(ModelAttack):
     def _invert(self, model: nn.Module, norm: Normalization, num_classes: int, shape: tuple[int, int, int],
                 device: torch.device) -> Inversion:
         r, start = self.recipe, time.perf_counter()
-        torch.manual_seed(r.seed)  # generator initialisation and dropout
-        gen = torch.Generator().manual_seed(r.seed)
+        torch.manual_seed(GENERATOR_INIT.seed(r.seed))  # generator initialisation and dropout
+        gen = torch.Generator().manual_seed(GENERATOR_DRAWS.seed(r.seed))
         model = copy.deepcopy(model).eval()
         for p in model.parameters():
             p.requires_grad_(True)  # L_Grad differentiates the classifier's loss w.r.t. its weights

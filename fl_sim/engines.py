@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from uuid import uuid4
 
-import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -27,6 +26,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_sim.base.registry import Registry
+from fl_sim.base.streams import NODE_IDS
 
 SERVER_NODE_ID = 1
 
@@ -46,7 +46,7 @@ class InProcessGrid(Grid):
 
     def __init__(self, client_app: ClientApp, num_nodes: int, seed: int = 0) -> None:
         self.client_app = client_app
-        rng = np.random.default_rng([seed, 5])
+        rng = NODE_IDS.rng(seed)
         node_ids = [int(n) for n in rng.choice(2**62, size=num_nodes, replace=False) + 2]
         self._run = Run.create_empty(run_id=int(rng.integers(2**62)))
         self.contexts = {

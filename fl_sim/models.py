@@ -14,6 +14,7 @@ from torch import nn
 
 from fl_sim.base.errors import DataUnavailableError
 from fl_sim.base.registry import Registry
+from fl_sim.base.streams import MODEL_INIT
 
 if TYPE_CHECKING:
     from fl_sim.scenario import ModelConfig
@@ -121,7 +122,7 @@ def build_model(cfg: ModelConfig, num_classes: int, shape: Shape, seed: int) -> 
     """The global model at round 0: seeded init, then ImageNet or file weights if asked."""
     spec = MODELS.get(cfg.name)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(MODEL_INIT.seed(seed))  # = seed: the models fl-sim always built
         model = spec.build(num_classes, shape, resolve_stem(cfg, shape))
     if cfg.pretrained:
         _load_matching(model, imagenet_state_dict(cfg.name, spec))

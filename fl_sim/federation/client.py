@@ -19,6 +19,14 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from defenses import DefenseContext, Stage, build_all, defend, of_stage
+from fl_sim.base.streams import (
+    CLIENT_MODS,
+    CLIENT_TRAINING,
+    DP_SGD_NOISE,
+    FEATURE_NOISE,
+    UPDATE_NOISE,
+    numpy_global,
+)
 from fl_sim.federation.protocol import (
     EVALUATION_RECORD,
     FEATURES_RECORD,
@@ -57,10 +65,15 @@ def build_client_app(scenario: Scenario | None = None, federation: Federation | 
 
     def message_defenses(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         """The scenario's defenses that are Flower mods (LocalDpMod, secaggplus_mod) around this train call."""
+        scenario_now = current(context)
         handler = call_next
-        for defense in reversed(of_stage(build_all(current(context).defenses), Stage.MESSAGE, Stage.PROTOCOL)):
+        for defense in reversed(of_stage(build_all(scenario_now.defenses), Stage.MESSAGE, Stage.PROTOCOL)):
             handler = partial(defense.mod(), call_next=handler)
-        return handler(msg, context)
+        if handler is call_next:
+            return handler(msg, context)
+        server_round = int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0  # Flower's round
+        with numpy_global(CLIENT_MODS.seed(scenario_now.seed, _client(context), server_round)):
+            return handler(msg, context)
 
     def local_round(context: Context, global_state: dict[str, torch.Tensor], config: Any
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[np.ndarray, ...], SharedFeatures | None]:
@@ -73,26 +86,27 @@ def build_client_app(scenario: Scenario | None = None, federation: Federation | 
         model.load_state_dict(global_state)
         param_names = {n for n, _ in model.named_parameters()}
         batches = fed.batches(client, server_round, plan)
-        seeds = np.random.SeedSequence([fed.scenario.seed, client, server_round]).generate_state(2)
-        torch.manual_seed(int(seeds[0]))
+        key = (fed.scenario.seed, client, server_round)
+        torch.manual_seed(CLIENT_TRAINING.seed(*key))
         defenses = build_all(scenario_now.defenses)
         trainer = next(iter(of_stage(defenses, Stage.TRAINING)), None)
         if trainer is not None:  # dp-sgd: the defense is the local optimisation itself
             update, loss = trainer.local_update(model, fed.data.train, batches, plan, fed.norm, fed.device,
-                                                int(seeds[1]))
+                                                DP_SGD_NOISE.seed(*key))
         else:
             update, loss = local_update(model, fed.data.train, batches, plan, fed.norm, fed.device)
         if defenses:
             x, y = fed.data.train.batch(batches[0])
             ctx = DefenseContext(global_model=lambda: _eval_copy(fed, global_state),
                                  inputs=fed.norm.normalize(x.to(fed.device)), labels=y,
-                                 generator=torch.Generator().manual_seed(int(seeds[1])), protocol=plan.protocol)
+                                 generator=torch.Generator().manual_seed(UPDATE_NOISE.seed(*key)),
+                                 protocol=plan.protocol)
             update = defend(defenses, {k: v.cpu() for k, v in update.items()},
                             {k: v.cpu() for k, v in global_state.items()}, param_names, ctx)
         shared = None
         if scenario_now.features.share:  # pruned penultimate features of the batch under the received model
             shared = share_features(_eval_copy(fed, global_state), fed, batches[0], scenario_now.features.prune,
-                                    defenses, torch.Generator().manual_seed(int(seeds[1]) + 1))
+                                    defenses, torch.Generator().manual_seed(FEATURE_NOISE.seed(*key)))
         metrics = client_metrics(client, batches, loss, plan, len(fed.shards[client]))
         return update, metrics, tuple(batches), shared
 

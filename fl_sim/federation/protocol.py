@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from torch import nn
 
+from fl_sim.base.streams import CLIENT_SAMPLING
 from fl_sim.observation import Normalization, Observation, ProtocolMeta, SharedFeatures
 from fl_sim.observation.features import last_linear
 from fl_sim.training import LocalTraining
@@ -103,7 +104,7 @@ class RoundRecord:
 # --- the server's side of a round ----------------------------------------------------------------------
 def sample_clients(seed: int, clients: list[int], k: int, server_round: int) -> list[int]:
     """The round's ``k`` clients, deterministic in (seed, round): the same on every engine and workflow."""
-    rng = np.random.default_rng([seed, 4, server_round])
+    rng = CLIENT_SAMPLING.rng(seed, server_round)
     return sorted(int(c) for c in rng.choice(clients, size=k, replace=False))
 
 

@@ -22,6 +22,7 @@ import torch
 
 from attacks import ATTACKS, Inversion, Target, build_attack
 from fl_sim.base.atomic import atomic_path, save_tensors
+from fl_sim.base.streams import NEAREST_DRAWS
 from fl_sim.leakage.grids import grid_image
 from fl_sim.leakage.metrics import MetricUnavailable, lpips_distance
 from fl_sim.leakage.nearest import pairwise_avd, pairwise_ssim
@@ -35,12 +36,12 @@ log = logging.getLogger("fl_sim")
 DRAWS = 10
 
 
-def nearest(generated: torch.Tensor, train: torch.Tensor, test: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
+def nearest(generated: torch.Tensor, train: torch.Tensor, test: torch.Tensor, rng: np.random.Generator
+            ) -> dict[str, np.ndarray]:
     """Per generated image (M,): nearest-neighbour SSIM / AVD to the training pool (size-matched draws) and the
     test pool, and the index of its nearest training image in the whole pool (by SSIM)."""
     ssim_train, ssim_test = pairwise_ssim(generated, train), pairwise_ssim(generated, test)
     avd_train, avd_test = pairwise_avd(generated, train), pairwise_avd(generated, test)
-    rng = np.random.default_rng(seed)
     draws = [torch.as_tensor(rng.choice(len(train), size=min(len(test), len(train)), replace=False))
              for _ in range(DRAWS)]
     return {"nn_train_ssim": torch.stack([ssim_train[:, d].amax(1) for d in draws]).mean(0).numpy(),
@@ -114,7 +115,7 @@ class InversionRunner:
             log.warning("round %d: %s failed: %s", server_round, name, inv.failure)
             self._append(server_round, name, rows)
             return
-        found = nearest(inv.images, self.train, self.test, self.scenario.seed + server_round)
+        found = nearest(inv.images, self.train, self.test, NEAREST_DRAWS.rng(self.scenario.seed, server_round))
         lpips, note = {}, ""
         try:
             lpips = {"lpips_train": lpips_distance(inv.images, self.train[found["nearest_train"]]),
