@@ -16,13 +16,14 @@ import torch
 
 from fl_sim.base.atomic import write_text
 from fl_sim.data.images import ImageSet
+from fl_sim.federation.protocol import Batches
 from fl_sim.store.layout import RunLayout
-
-Batches = tuple[np.ndarray, ...]  # dataset indices, one array per local step, in the order they were used
 
 
 @dataclass(frozen=True)
 class Secret:
+    """``batches``: the dataset indices the client used, one array per local step, in order."""
+
     server_round: int
     client: int
     batches: Batches
