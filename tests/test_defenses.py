@@ -46,6 +46,25 @@ def test_quantized_values_lie_on_the_grid(tmp_path):
             assert torch.allclose(k, k.round(), atol=1e-4)
 
 
+def test_prune_drops_exactly_the_smallest_magnitudes():
+    gen = torch.Generator().manual_seed(0)
+    values = (torch.randperm(200, generator=gen).double() + 1) * torch.where(torch.rand(200, generator=gen) < 0.5,
+                                                                               -1.0, 1.0)
+    out = build_defense("prune", {"ratio": 0.7}).apply({"w": values.view(20, 10)}, None)["w"].flatten()
+    kept = set(torch.nonzero(out).flatten().tolist())
+    assert kept == set(values.abs().argsort(descending=True)[:60].tolist())  # the 60 largest |x|, exactly
+    assert torch.equal(out[sorted(kept)], values[sorted(kept)])
+
+
+def test_quantization_sends_the_nearest_level_of_the_grid():
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(5000, generator=gen).double()
+    out = build_defense("quantize", {"bits": 3}).apply({"w": v}, None)["w"]
+    levels = v.min() + torch.arange(8, dtype=torch.float64) * (v.max() - v.min()) / 7  # the 3-bit grid
+    nearest = levels[(v[:, None] - levels[None]).abs().argmin(1)]
+    torch.testing.assert_close(out, nearest, rtol=0, atol=1e-12)
+
+
 def test_sign_quantization_sends_one_magnitude_per_tensor():
     update = {"w": torch.randn(50, 3)}
     out = build_defense("quantize", {"mode": "sign"}).apply(update, None)
@@ -99,6 +118,41 @@ def test_soteria_masks_only_the_representation_layer_gradient(tmp_path):
         assert zero_columns.float().mean() >= 0.59
         kept = ~zero_columns
         assert torch.equal(defended.update["fc.0.weight"][:, kept], clean.update["fc.0.weight"][:, kept])
+
+
+class TinyReLU(torch.nn.Module):
+    """x (B, 1, 4, 4) → r = ReLU(W1 x + b1) (B, 12) → logits (B, 3); features 0–3 are dead (r = 0), the others alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 12), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(12, 3)
+        with torch.no_grad():
+            self.body[1].bias[:4] = -100.0
+            self.body[1].bias[4:] = 10.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def test_soteria_prunes_the_features_its_ranking_names_also_on_relu_models():
+    """The ranking computed directly (Jacobian of r w.r.t. x, per sample, / (r + 0.1) as the authors' code does);
+    dead ReLU features give finite scores, so the requested fraction is pruned."""
+    model = TinyReLU().eval()
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    jac = torch.autograd.functional.jacobian(lambda inp: model.body(inp), x)  # (B, F, B, 1, 4, 4)
+    per_sample = torch.stack([jac[b, :, b].flatten(1).norm(dim=1) for b in range(5)])  # (B, F)
+    r = model.body(x).detach()
+    scores = (per_sample.double() / (r.double() + 0.1)).sum(0)
+    assert torch.isfinite(scores).all() and (r[:, :4] == 0).all()
+    expected_pruned = scores < np.percentile(scores.numpy(), 50)
+    update = {"fc.weight": torch.ones(3, 12), "fc.bias": torch.ones(3)}
+    ctx = DefenseContext(lambda: TinyReLU().eval(), x, torch.zeros(5, dtype=torch.long), torch.Generator(), "fedsgd")
+    out = build_defense("soteria", {"ratio": 0.5}).apply(update, ctx)
+    pruned = (out["fc.weight"] == 0).all(0)
+    assert torch.equal(pruned, expected_pruned) and int(pruned.sum()) == 6
+    assert torch.equal(out["fc.bias"], update["fc.bias"])
 
 
 def test_defend_leaves_buffers_and_the_caller_alone():

@@ -60,6 +60,11 @@ def test_loss_terms_match_their_formulas():
     assert float(squared_tv(x)) == pytest.approx(1 + 0.0625 + 0.25 + 0.5625)
 
 
+def best_constant_psnr(images: torch.Tensor) -> float:
+    """Mean PSNR of the best constant image per target (its own mean): what a guess without the features scores."""
+    return float(np.mean([-10 * np.log10(float((x - x.mean()).pow(2).mean())) for x in images]))
+
+
 def feature_run(tmp_path, name="run", **sections):
     raw = tiny(name=name, **({"federation": {"rounds": 1}, "training": {"batch_size": 2}} | sections))
     store, seen = run_inprocess(tmp_path, raw, name)
@@ -99,16 +104,23 @@ def test_feature_defenses(tmp_path, write_scenario, cli):
     assert code == 2 and "set [features] share = true" in err
 
 
-def test_feature_inversion_attacks_shared_features_and_fc_gradients(tmp_path):
-    attack = [{"name": "feature-inversion", "iterations": 300, "lr": 0.05}]
-    _, store, _ = feature_run(tmp_path, "shared", features={"share": True, "prune": 0.0}, attacks=attack,
-                              metrics=["psnr", "ssim"])
+def beats_the_best_constant_image(raw: dict, store, margin: float) -> None:
+    """Every reconstruction's PSNR exceeds that of the best constant image for the same targets by ``margin`` dB."""
+    fed = prepare(scenario_from_dict(raw))
     rows = pd.read_csv(store.root / "results.csv")
     assert (rows.loc[rows.metric == "failed", "value"] == 0).all()
-    assert rows.loc[rows.metric == "psnr", "value"].mean() > 12  # recognisable shapes after 300 steps
-    _, store, _ = feature_run(tmp_path, "gradients", training={"batch_size": 1}, attacks=attack, metrics=["psnr"])
-    rows = pd.read_csv(store.root / "results.csv")
-    assert (rows.loc[rows.metric == "failed", "value"] == 0).all()  # closed form from the FC gradient
+    for row in rows[rows.metric == "psnr"].itertuples():
+        x, _ = SecretLedger(store.layout).get(row.round, row.client).examples(fed.data.train)
+        assert row.value > best_constant_psnr(x) + margin, (row.client, row.value, best_constant_psnr(x))
+
+
+def test_feature_inversion_attacks_shared_features_and_fc_gradients(tmp_path):
+    attack = [{"name": "feature-inversion-tuned", "iterations": 1000}]
+    raw, store, _ = feature_run(tmp_path, "shared", features={"share": True, "prune": 0.0}, attacks=attack,
+                                metrics=["psnr", "ssim"])
+    beats_the_best_constant_image(raw, store, margin=5)  # measured: +8 to +10 dB (1000 steps, normalised input)
+    raw, store, _ = feature_run(tmp_path, "gradients", training={"batch_size": 1}, attacks=attack, metrics=["psnr"])
+    beats_the_best_constant_image(raw, store, margin=5)  # closed form from the FC gradient; measured +11 to +13
     _, store, _ = feature_run(tmp_path, "batch2", attacks=attack, metrics=["psnr"])
     failed = pd.read_csv(store.root / "results.csv").query("metric == 'failed'")
     assert (failed["value"] == 1).all() and failed["note"].str.contains("batch of one").all()
@@ -155,6 +167,7 @@ def test_feature_inversion_recovers_mnist_digits_and_degrades_with_pruning():
             features = prune(penultimate(model, x).detach(), ratio)
             rec = attack.reconstruct(dataclasses.replace(obs, features=features), fed.model())
             scores.append(float(-10 * torch.log10((rec.images - x).pow(2).mean())))
-    assert np.mean(psnr[0.0]) > 28  # the paper's MNIST level, unpruned
+    constant = best_constant_psnr(fed.data.train.images(np.arange(3)))  # 9.6 dB on these digits
+    assert np.mean(psnr[0.0]) > 28  # the paper's MNIST level, unpruned (measured 29.6)
     assert np.mean(psnr[0.7]) < np.mean(psnr[0.0]) - 5  # pruning 70 % of the neurons costs quality
-    assert np.mean(psnr[0.7]) > 12  # still a recognisable digit (random U[0, 1] images score ~5 dB)
+    assert np.mean(psnr[0.7]) > constant + 3  # still more than a guess (measured 14.5, +4.9 dB)

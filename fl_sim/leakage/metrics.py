@@ -2,7 +2,7 @@
 
 Every image metric takes ``rec, gt``: (N, C, H, W) tensors in [0, 1] already paired one-to-one
 (:func:`fl_sim.leakage.scoring.pair`), and returns N per-image values. PSNR / SSIM / MSE are scikit-image's; AVD follows
-its authors' reference code; LPIPS is the ``lpips`` package with the real AlexNet backbone, or
+its authors' reference code (tested against its outputs); LPIPS is the ``lpips`` package with the real AlexNet backbone, or
 unavailable (with the reason) when torchvision's AlexNet checkpoint is not on disk.
 """
 
@@ -81,25 +81,28 @@ def mse(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
     return np.array([mean_squared_error(gi, ri) for ri, gi in zip(r, g, strict=True)])
 
 
-def _variation_maps(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First- and second-order absolute variation maps of one (C, H, W) image."""
-    dx, dy = v[:, :, :-1] - v[:, :, 1:], v[:, :-1, :] - v[:, 1:, :]
-    d2x, d2y = dx[:, :, :-1] - dx[:, :, 1:], dy[:, :-1, :] - dy[:, 1:, :]
-    return np.abs(dx[:, 1:, :] + dy[:, :, 1:]), np.abs(d2x[:, 2:, :] + d2y[:, :, 2:])
+def to_8bit(x: torch.Tensor) -> torch.Tensor:
+    """(…, H, W) in [0, 1] as torchvision's ToPILImage + ToTensor leave it: ``mul(255).byte()`` in float32 (which
+    truncates), then / 255 — what AVD's reference code does to both images. float64 result."""
+    return (x.detach().cpu().float() * 255).to(torch.uint8).double() / 255
+
+
+def variation_maps(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First- and second-order absolute variation maps of (…, C, H, W) images (the AVD authors' T1, T2)."""
+    dx, dy = v[..., :, :-1] - v[..., :, 1:], v[..., :-1, :] - v[..., 1:, :]
+    d2x, d2y = dx[..., :, :-1] - dx[..., :, 1:], dy[..., :-1, :] - dy[..., 1:, :]
+    return (dx[..., 1:, :] + dy[..., :, 1:]).abs(), (d2x[..., 2:, :] + d2y[..., :, 2:]).abs()
 
 
 def avd(rec: torch.Tensor, gt: torch.Tensor, c1: float = 1.0, c2: float = 0.5) -> np.ndarray:
     """Absolute Variation Distance as its authors' reference code computes it (lower is better).
 
-    Both images are rounded to 8 bits first (the reconstruction as |rec|); then
-    AVD = sqrt(c1·mean((T1(rec) − T1(gt))²) + c2·mean((T2(rec) − T2(gt))²)).
+    Both images go through ToPILImage (8 bits, truncated; the reconstruction as |rec|); then
+    AVD = sqrt(c1·mean((T1(rec) − T1(gt))²) + c2·mean((T2(rec) − T2(gt))²)) per image.
     """
-    r, g = _check(rec, gt)
-    out = []
-    for ri, gi in zip(np.round(np.abs(r) * 255) / 255, np.round(g * 255) / 255, strict=True):
-        (t1r, t2r), (t1g, t2g) = _variation_maps(ri), _variation_maps(gi)
-        out.append(np.sqrt(c1 * np.mean((t1r - t1g) ** 2) + c2 * np.mean((t2r - t2g) ** 2)))
-    return np.array(out)
+    _check(rec, gt)
+    (t1r, t2r), (t1g, t2g) = variation_maps(to_8bit(rec.abs())), variation_maps(to_8bit(gt))
+    return torch.sqrt(c1 * (t1r - t1g).pow(2).flatten(1).mean(1) + c2 * (t2r - t2g).pow(2).flatten(1).mean(1)).numpy()
 
 
 def alexnet_checkpoint() -> Path:

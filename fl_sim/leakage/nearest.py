@@ -4,7 +4,7 @@
 [0, 1] and return (M, T) matrices equal to ``fl_sim.leakage.metrics.ssim`` / ``avd`` on every pair (tested
 against them): SSIM as scikit-image computes it (7×7 uniform window, sample covariance, K1 0.01,
 K2 0.03, data_range 1, border of 3 pixels cropped, mean over channels); AVD as a Euclidean distance
-between weighted first- and second-order variation maps of the 8-bit-rounded images.
+between weighted first- and second-order variation maps of the 8-bit images.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fl_sim.leakage.metrics import ssim_window
+from fl_sim.leakage.metrics import ssim_window, to_8bit, variation_maps
 
 K1, K2 = 0.01, 0.03
 
@@ -46,12 +46,8 @@ def pairwise_ssim(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.T
 
 
 def _avd_features(x: torch.Tensor, c1: float = 1.0, c2: float = 0.5) -> torch.Tensor:
-    """(N, D): √(c1/n1)·T1 ‖ √(c2/n2)·T2 of the 8-bit-rounded images, so AVD(a, b) = ‖f(a) − f(b)‖."""
-    v = torch.round(x.double().abs() * 255) / 255
-    dx, dy = v[..., :, :-1] - v[..., :, 1:], v[..., :-1, :] - v[..., 1:, :]
-    d2x, d2y = dx[..., :, :-1] - dx[..., :, 1:], dy[..., :-1, :] - dy[..., 1:, :]
-    t1 = (dx[..., 1:, :] + dy[..., :, 1:]).abs().flatten(1)
-    t2 = (d2x[..., 2:, :] + d2y[..., :, 2:]).abs().flatten(1)
+    """(N, D): √(c1/n1)·T1 ‖ √(c2/n2)·T2 of the images as AVD sees them, so AVD(a, b) = ‖f(a) − f(b)‖."""
+    t1, t2 = (t.flatten(1) for t in variation_maps(to_8bit(x.abs())))
     return torch.cat([t1 * (c1 / t1.shape[1]) ** 0.5, t2 * (c2 / t2.shape[1]) ** 0.5], dim=1)
 
 
