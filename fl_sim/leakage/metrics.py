@@ -2,25 +2,22 @@
 
 Every image metric takes ``rec, gt``: (N, C, H, W) tensors in [0, 1] already paired one-to-one
 (:func:`fl_sim.leakage.scoring.pair`), and returns N per-image values. PSNR / SSIM / MSE are scikit-image's; AVD follows
-its authors' reference code (tested against its outputs); LPIPS is the ``lpips`` package with the real AlexNet backbone, or
-unavailable (with the reason) when torchvision's AlexNet checkpoint is not on disk.
+its authors' reference code (tested against its outputs); LPIPS is the ``lpips`` package with a real AlexNet
+backbone (fl_sim.leakage.lpips_model), or unavailable with the reason.
 """
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
 from fl_sim.base.registry import Registry
-
-ALEXNET_CHECKPOINT = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet ImageNet weights, used by lpips
+from fl_sim.leakage.lpips_model import LpipsUnavailable, lpips_model
 
 
 class MetricUnavailable(Exception):
@@ -39,6 +36,7 @@ class Metric:
     spec: str = ".3f"  # format of a value in tables
     caption: str = ""  # the short form under an image, "{}" for the value ("" : not shown)
     plotted: bool = True  # a panel of the leakage-over-rounds figure
+    provenance: Callable[[torch.Tensor], str] | None = None  # what a value on these images rests on (the note)
 
     @property
     def image(self) -> bool:
@@ -105,33 +103,39 @@ def avd(rec: torch.Tensor, gt: torch.Tensor, c1: float = 1.0, c2: float = 0.5) -
     return torch.sqrt(c1 * (t1r - t1g).pow(2).flatten(1).mean(1) + c2 * (t2r - t2g).pow(2).flatten(1).mean(1)).numpy()
 
 
-def alexnet_checkpoint() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_CHECKPOINT
+LPIPS_MIN_SIDE = 32  # AlexNet's pooling needs ≥ 32 px (at 28 px the second pool has no output)
 
 
-@functools.cache
-def _lpips_model(checkpoint: str):  # type: ignore[no-untyped-def]
-    import warnings
-
-    import lpips
-
-    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=True`
-        warnings.simplefilter("ignore", UserWarning)
-        return lpips.LPIPS(net="alex", verbose=False).eval()
+def _lpips_input(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] as LPIPS takes it: 3 channels (grayscale repeated), at least 32 px (bilinear)."""
+    x = x.float().cpu()
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    if min(x.shape[-2:]) < LPIPS_MIN_SIDE:
+        scale = LPIPS_MIN_SIDE / min(x.shape[-2:])
+        size = [max(LPIPS_MIN_SIDE, round(s * scale)) for s in x.shape[-2:]]
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+    return x
 
 
 def lpips_distance(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
-    """LPIPS (AlexNet, ``normalize=True`` for [0, 1] input); grayscale is repeated to 3 channels."""
-    path = alexnet_checkpoint()
-    if not path.exists():
-        raise MetricUnavailable(f"LPIPS needs torchvision's AlexNet weights at {path}; copy {ALEXNET_CHECKPOINT} "
-                                f"there or set TORCH_HOME to a folder with hub/checkpoints/{ALEXNET_CHECKPOINT}")
+    """LPIPS (AlexNet, ``normalize=True`` for [0, 1] input) on :func:`_lpips_input` of both images."""
     _check(rec, gt)
-    model = _lpips_model(str(path))
-    expand = (lambda t: t.expand(-1, 3, -1, -1)) if rec.shape[1] == 1 else (lambda t: t)
+    try:
+        model = lpips_model().net
+    except LpipsUnavailable as err:
+        raise MetricUnavailable(f"LPIPS has no AlexNet backbone here ({err})") from None
     with torch.no_grad():
-        values = model(expand(rec.float().cpu()), expand(gt.float().cpu()), normalize=True)
+        values = model(_lpips_input(rec), _lpips_input(gt), normalize=True)
     return values.flatten().double().numpy()
+
+
+def lpips_backbone(images: torch.Tensor) -> str:
+    """The LPIPS rows' note: the backbone's source, and the upsampling of images under 32 px."""
+    note = f"backbone: {lpips_model().source}"
+    h, w = images.shape[-2:]
+    if min(h, w) < LPIPS_MIN_SIDE:
+        note += f"; {h}×{w} images upsampled to {tuple(_lpips_input(images[:1]).shape[-2:])} (bilinear)"
+    return note
 
 
 METRICS.add("psnr", Metric(psnr, True, "peak signal-to-noise ratio, dB (scikit-image, data_range 1)", "PSNR (dB)",
@@ -139,7 +143,8 @@ METRICS.add("psnr", Metric(psnr, True, "peak signal-to-noise ratio, dB (scikit-i
 METRICS.add("ssim", Metric(ssim, True, "structural similarity (scikit-image, data_range 1)", "SSIM", caption="SSIM {}"))
 METRICS.add("mse", Metric(mse, False, "mean squared error on [0, 1] images", "MSE", ".2e", plotted=False))
 METRICS.add("avd", Metric(avd, False, "absolute variation distance (c1 = 1, c2 = 0.5)", "AVD", caption="AVD {}"))
-METRICS.add("lpips", Metric(lpips_distance, False, "LPIPS, AlexNet backbone", "LPIPS", caption="LPIPS {}"))
+METRICS.add("lpips", Metric(lpips_distance, False, "LPIPS, AlexNet backbone", "LPIPS", caption="LPIPS {}",
+                            provenance=lpips_backbone))
 METRICS.add("label_acc", Metric(None, True, "recovered labels, multiset overlap with the true ones", "label accuracy",
                                 caption="labels {}"))
 SCORES = tuple(METRICS.in_order())  # every score, in report order

@@ -24,7 +24,7 @@ from attacks import ATTACKS, Inversion, Target, build_attack
 from fl_sim.base.atomic import atomic_path, save_tensors
 from fl_sim.base.streams import NEAREST_DRAWS
 from fl_sim.leakage.grids import grid_image
-from fl_sim.leakage.metrics import MetricUnavailable, lpips_distance
+from fl_sim.leakage.metrics import MetricUnavailable, lpips_backbone, lpips_distance
 from fl_sim.leakage.nearest import pairwise_avd, pairwise_ssim
 from fl_sim.scenario import ComponentSpec, Scenario
 from fl_sim.store import RunStore
@@ -116,10 +116,10 @@ class InversionRunner:
             self._append(server_round, name, rows)
             return
         found = nearest(inv.images, self.train, self.test, NEAREST_DRAWS.rng(self.scenario.seed, server_round))
-        lpips, note = {}, ""
         try:
             lpips = {"lpips_train": lpips_distance(inv.images, self.train[found["nearest_train"]]),
                      "lpips_test": lpips_distance(inv.images, self.test[found["nearest_test"]])}
+            note = lpips_backbone(inv.images)
         except MetricUnavailable as err:
             lpips, note = {"lpips_train": np.full(len(inv.images), math.nan)}, f"unavailable: {err}"
         self._append(server_round, name, rows + inversion_rows(inv, found, self.train_labels, lpips, note))

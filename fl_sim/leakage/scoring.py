@@ -35,8 +35,10 @@ def score(rec: Reconstruction, gt_images: torch.Tensor, gt_labels: torch.Tensor,
     ri, gi = pairing if pairing is not None else pair(rec.images, gt_images)
     rec_p, gt_p = rec.images[ri], gt_images[gi]
     for name in metrics:
+        metric = METRICS.get(name)
         try:
-            value, note = float(METRICS.get(name).fn(rec_p, gt_p).mean()), ""
+            value = float(metric.fn(rec_p, gt_p).mean())
+            note = metric.provenance(gt_p) if metric.provenance is not None else ""
         except MetricUnavailable as err:
             value, note = math.nan, f"unavailable: {err}"
         rows.append({"metric": name, "value": value, "note": note})

@@ -73,6 +73,7 @@ def build_report(run_dirs: list[Path], out: Path | None = None, rule: RecoveryRu
         "rule": str(rule), "rule_why": DEFAULT_RULE_WHY if rule == DEFAULT_RULE else "",
         "rank": label(rank) if rank else None,
         "unavailable": {label(s): why for s, why in unavailable.items()},
+        "provenance": {label(s): what for s, what in tables.provenance(results).items()},
         "headline": _headline_table(recs, cases, rule, rank, multi),
         "cases": _cases_table(cases, unavailable, multi),
         "by_round": _by_round_table(stats, unavailable, multi),

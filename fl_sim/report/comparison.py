@@ -174,6 +174,7 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
         "settings": settings, "colors": colors, "plot": plot, "grids": grids, "rule": str(rule), "sweep": sweep_picture,
         "metric": label(metric), "summary": _display(table, rule, unavailable),
         "unavailable": {label(k): v for k, v in unavailable.items()},
+        "provenance": {label(k): v for k, v in tables.provenance(pd.concat([s.run.results for s in settings])).items()},
         "links": [(s.label, RunLayout(s.run.root).report.html.relative_to(out).as_posix()) for s in settings],
     }
     (layout.root / files).mkdir(parents=True, exist_ok=True)

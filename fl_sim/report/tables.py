@@ -86,6 +86,13 @@ def unavailable(results: pd.DataFrame) -> dict[str, str]:
     return {m: n.removeprefix("unavailable:").strip() for m, n in notes.groupby("metric")["note"].first().items()}
 
 
+def provenance(results: pd.DataFrame) -> dict[str, str]:
+    """score → what its values rest on, from the rows' ``backbone: ...`` notes (LPIPS), every distinct one."""
+    notes = results[results["note"].str.startswith("backbone:")]
+    return {m: "; ".join(sorted({n.removeprefix("backbone:").strip() for n in group}))
+            for m, group in notes.groupby("metric")["note"]}
+
+
 def scored(recs: pd.DataFrame) -> list[str]:
     """Scores with at least one value, in report order."""
     return [s for s in SCORES if s in recs and recs[s].notna().any()]
