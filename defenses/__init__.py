@@ -15,14 +15,16 @@ from typing import Any
 import torch
 
 from defenses.base import (
+    ADVERSARY,
     Accountant,
+    Budget,
     Defense,
     DefenseContext,
     FeatureDefense,
     MessageDefense,
     Params,
-    Participation,
     ProtocolDefense,
+    Releases,
     Stage,
     TrainingDefense,
     Update,
@@ -104,10 +106,16 @@ def prepare_model(specs: Sequence[Any], model: torch.nn.Module) -> torch.nn.Modu
     return model
 
 
-def epsilon(specs: Sequence[Any], participation: Participation) -> float | None:
-    """Σ ε of the defenses that define one (basic composition), None if none does."""
-    budgets = [d.epsilon(participation) for d in build_all(specs) if isinstance(d, Accountant)]
-    return sum(budgets) if budgets else None
+def budgets(specs: Sequence[Any], releases: Releases) -> list[tuple[str, Budget]]:
+    """(defense name, its budget for ``releases``) for every scenario defense that defines one."""
+    return [(s.name, d.budget(releases)) for s, d in zip(specs, build_all(specs), strict=True)
+            if isinstance(d, Accountant)]
+
+
+def needs_poisson_batches(specs: Sequence[Any]) -> bool:
+    """Whether the scenario's local training needs Poisson-sampled batches (DP-SGD's accountant assumes them)."""
+    return any(issubclass(kind.build, TrainingDefense) and kind.build.poisson_batches
+               for kind in (DEFENSES.get(s.name) for s in specs))
 
 
 def secure_aggregation(specs: Sequence[Any]) -> ProtocolDefense | None:
@@ -139,7 +147,7 @@ def defend(defenses: Sequence[Defense], update: Update, global_state: dict[str, 
     return out
 
 
-__all__ = ["AGGREGATE_CLIENT", "DEFENSES", "Defense", "DefenseContext", "DefenseType", "FeatureDefense",
-           "MessageDefense", "Participation", "ProtocolDefense", "Stage", "TrainingDefense", "UpdateDefense",
-           "build_all", "build_defense", "defend", "defense_label", "epsilon", "of_stage", "prepare_model",
-           "secure_aggregation"]
+__all__ = ["ADVERSARY", "AGGREGATE_CLIENT", "DEFENSES", "Budget", "Defense", "DefenseContext", "DefenseType",
+           "FeatureDefense", "MessageDefense", "ProtocolDefense", "Releases", "Stage", "TrainingDefense",
+           "UpdateDefense", "budgets", "build_all", "build_defense", "defend", "defense_label", "of_stage",
+           "needs_poisson_batches", "prepare_model", "secure_aggregation"]

@@ -46,14 +46,27 @@ class DefenseContext:
     protocol: str  # "fedsgd" | "fedavg"
 
 
-@dataclass(frozen=True)
-class Participation:
-    """How often a client's data is released, for privacy accounting."""
+ADVERSARY = "curious server (it samples the clients and sees each one's update alone: no amplification by sampling)"
 
-    rounds: int
-    sample_rate: float  # clients_per_round / num_clients
-    batch_rate: float  # batch_size / examples in a client's shard
-    steps_per_round: int  # local steps (FedSGD: 1)
+
+@dataclass(frozen=True)
+class Releases:
+    """What one client released to the server, for privacy accounting."""
+
+    participations: int  # rounds it was sampled in (an upper bound on the updates the server received)
+    steps_per_round: int  # local optimisation steps per round (FedSGD: 1)
+    batch_rate: float  # expected batch / examples in its shard (DP-SGD's Poisson sampling rate)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A privacy guarantee against :data:`ADVERSARY`: (ε, δ) at a level, for an adjacency, by an accountant."""
+
+    epsilon: float
+    delta: float
+    level: str  # "client" (the client's whole dataset) | "example" (one example of it)
+    adjacency: str
+    accountant: str
 
 
 class Stage(StrEnum):
@@ -78,6 +91,7 @@ class TrainingDefense(Defense):
     everyone, the server and so the attacker included)."""
 
     stage = Stage.TRAINING
+    poisson_batches: ClassVar[bool] = False  # it needs each example in a batch independently (Poisson sampling)
 
     @staticmethod
     def prepare_model(model: nn.Module) -> nn.Module:
@@ -120,10 +134,10 @@ class ProtocolDefense(MessageDefense):
 
 
 class Accountant(ABC):
-    """A defense that defines a privacy budget."""
+    """A defense that defines a privacy budget, per client, for what that client released."""
 
     @abstractmethod
-    def epsilon(self, p: Participation) -> float: ...
+    def budget(self, releases: Releases) -> Budget: ...
 
 
 class Params(BaseModel):
@@ -144,6 +158,8 @@ def rdp_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> f
     accountant; ∞ without noise."""
     from opacus.accountants import RDPAccountant
 
+    if steps == 0:
+        return 0.0
     if sigma == 0:
         return math.inf
     accountant = RDPAccountant()

@@ -4,7 +4,9 @@ It replaces the client's local optimisation: FedSGD sends the privatised mean gr
 (Opacus's ``DPOptimizer.pre_step``), FedAvg takes its local steps with the ``DPOptimizer``. Opacus
 cannot compute per-sample gradients through BatchNorm, so a scenario with dp-sgd builds its global
 model through ``ModuleValidator.fix`` (BatchNorm → GroupNorm): the model the server — and so the
-attacker — sees is that fixed model, for every client and round.
+attacker — sees is that fixed model, for every client and round. Its batches are Poisson samples of the
+shard (``poisson_batches``: the accountant's assumption, as Opacus's DPDataLoader draws them); a step whose
+batch came out empty releases noise only, as Opacus does.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from defenses.base import Accountant, Params, Participation, TrainingDefense, Update, rdp_epsilon
+from defenses.base import Accountant, Budget, Params, Releases, TrainingDefense, Update, rdp_epsilon
 
 
 class DpSgdParams(Params):
@@ -29,6 +31,7 @@ class DpSgdParams(Params):
 
 class DpSgd(TrainingDefense, Accountant):
     params: DpSgdParams
+    poisson_batches = True
 
     @staticmethod
     def prepare_model(model: nn.Module) -> nn.Module:
@@ -51,7 +54,7 @@ class DpSgd(TrainingDefense, Accountant):
         fedsgd = plan.protocol == "fedsgd"
         base = torch.optim.SGD(model.parameters(), lr=plan.lr) if fedsgd else optimizer_for(model, plan)
         optimizer = DPOptimizer(base, noise_multiplier=self.params.sigma, max_grad_norm=self.params.clip,
-                                expected_batch_size=len(batches[0]),
+                                expected_batch_size=plan.batch_size,  # Poisson batches: their expected size
                                 generator=torch.Generator(device=device).manual_seed(seed))
         losses = []
         for batch in batches:
@@ -61,16 +64,24 @@ class DpSgd(TrainingDefense, Accountant):
             with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no gradient
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
-            losses.append(float(loss.detach()))
+            if len(batch):
+                losses.append(float(loss.detach()))
             if fedsgd:  # clip, noise and average; the privatised gradient is what the client sends
                 optimizer.pre_step()
                 update = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-                return update | {n: b.detach().clone() for n, b in model.named_buffers()}, losses[0]
+                return update | {n: b.detach().clone() for n, b in model.named_buffers()}, _mean(losses)
             optimizer.step()
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}, float(np.mean(losses))
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, _mean(losses)
 
-    def epsilon(self, p: Participation) -> float:
-        """Example-level ε at δ: ``rounds × sample_rate`` expected participations of ``steps_per_round``
-        DP-SGD steps, each sampling a ``batch_rate`` fraction of the shard (Opacus's RDP accountant)."""
-        steps = max(1, round(p.rounds * p.sample_rate * p.steps_per_round))
-        return rdp_epsilon(self.params.sigma, p.batch_rate, steps, self.params.delta)
+    def budget(self, releases: Releases) -> Budget:
+        """Example-level (ε, δ): the client's batches are Poisson samples of its shard (each example independently
+        with rate q = batch / shard, as Opacus's DPDataLoader draws them), which the server does not see, so every
+        DP-SGD step it took is a subsampled Gaussian (Opacus's RDP accountant, noise multiplier σ)."""
+        p, r = self.params, releases
+        return Budget(rdp_epsilon(p.sigma, r.batch_rate, r.participations * r.steps_per_round, p.delta), p.delta,
+                      "example", "add or remove one example of the client's shard",
+                      "Opacus RDP: noise multiplier σ, Poisson sample rate batch / shard, every local step")
+
+
+def _mean(losses: list[float]) -> float:
+    return float(np.mean(losses)) if losses else float("nan")  # every batch empty: no loss to report

@@ -13,7 +13,7 @@ import math
 from flwr.clientapp.mod import LocalDpMod
 from pydantic import Field
 
-from defenses.base import Accountant, MessageDefense, Params, Participation
+from defenses.base import Accountant, Budget, MessageDefense, Params, Releases
 
 
 class LocalDpParams(Params):
@@ -35,6 +35,10 @@ class LocalDp(MessageDefense, Accountant):
         p = self.params
         return p.sensitivity * math.sqrt(2 * math.log(1.25 / p.delta)) / p.epsilon
 
-    def epsilon(self, p: Participation) -> float:
-        """ε after all rounds: basic composition over a client's expected participations."""
-        return self.params.epsilon * max(1.0, p.rounds * p.sample_rate)
+    def budget(self, releases: Releases) -> Budget:
+        """Basic composition of Flower's per-round (ε, δ) over the rounds the client took part in: (T·ε, T·δ)."""
+        p, t = self.params, releases.participations
+        return Budget(p.epsilon * t, p.delta * t, "client",
+                      f"Flower's LocalDpMod: the clipped update (norm {p.clip:g}), noise calibrated to L2 sensitivity "
+                      f"{p.sensitivity:g}",
+                      "basic composition of LocalDpMod's per-round (ε, δ) over the participations")

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from defenses.base import Accountant, DefenseContext, Params, Participation, Update, UpdateDefense, rdp_epsilon
+from defenses.base import Accountant, Budget, DefenseContext, Params, Releases, Update, UpdateDefense, rdp_epsilon
 
 
 class GaussianParams(Params):
@@ -29,9 +29,15 @@ class GaussianMechanism(UpdateDefense, Accountant):
         return {k: v * scale + sigma * c * torch.randn(v.shape, generator=ctx.generator, dtype=v.dtype)
                 for k, v in update.items()}
 
-    def epsilon(self, p: Participation) -> float:
-        """Client-level ε at δ after ``p.rounds`` rounds, clients sampled with ``p.sample_rate`` (Opacus RDP)."""
-        return rdp_epsilon(self.params.sigma, p.sample_rate, p.rounds, self.params.delta)
+    def budget(self, releases: Releases) -> Budget:
+        """Client-level (ε, δ) against the server, which sees each clipped update alone and chose who took part:
+        no amplification by sampling (rate 1), one Gaussian release per participation. Two datasets of one client
+        can move its clipped update anywhere in the ball of radius C — L2 sensitivity 2C against noise σC, so the
+        accountant (written for sensitivity 1) gets noise multiplier σ/2."""
+        p = self.params
+        return Budget(rdp_epsilon(p.sigma / 2, 1.0, releases.participations, p.delta), p.delta, "client",
+                      "replace the client's dataset (clipped update: L2 sensitivity 2C)",
+                      "Opacus RDP: noise multiplier σ/2, sample rate 1, one step per participation")
 
 
 class PruneParams(Params):

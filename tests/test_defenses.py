@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from defenses import DEFENSES, DefenseContext, Participation, build_defense, defend, defense_label
+from defenses import DEFENSES, DefenseContext, Releases, build_defense, defend, defense_label
 from fl_sim.federation.setup import prepare
 from fl_sim.leakage.secret import SecretLedger
 from fl_sim.scenario import ComponentSpec, expand_grid, scenario_from_dict
@@ -91,12 +91,83 @@ def test_dp_noise_has_standard_deviation_sigma_c_and_is_reproducible():
 
 
 @pytest.mark.parametrize("name", ["dp", "dp-sgd"])
-def test_epsilon_falls_as_noise_rises(name):
-    when = Participation(rounds=100, sample_rate=0.1, batch_rate=0.05, steps_per_round=2)
-    eps = [build_defense(name, {"sigma": s}).epsilon(when) for s in (0.0, 0.5, 1.0, 4.0)]
+def test_epsilon_falls_as_noise_rises_and_grows_with_participations(name):
+    when = Releases(participations=10, steps_per_round=2, batch_rate=0.05)
+    eps = [build_defense(name, {"sigma": s}).budget(when).epsilon for s in (0.0, 0.5, 1.0, 4.0)]
     assert eps[0] == math.inf and eps[1] > eps[2] > eps[3] > 0
-    more_rounds = Participation(rounds=400, sample_rate=0.1, batch_rate=0.05, steps_per_round=2)
-    assert build_defense(name, {"sigma": 1.0}).epsilon(more_rounds) > eps[2]
+    more = Releases(participations=40, steps_per_round=2, batch_rate=0.05)
+    assert build_defense(name, {"sigma": 1.0}).budget(more).epsilon > eps[2]
+    assert build_defense(name, {"sigma": 1.0}).budget(Releases(0, 2, 0.05)).epsilon == 0  # never took part
+
+
+def opacus_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Opacus's RDP accountant driven the way its users drive it: one step() per release."""
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return accountant.get_epsilon(delta)
+
+
+def test_dp_budget_is_the_servers_no_amplification_sensitivity_2c_guarantee():
+    dp = build_defense("dp", {"clip": 1.0, "sigma": 2.0, "delta": 1e-5})
+    for rounds in (1, 3, 10):
+        budget = dp.budget(Releases(rounds, 1, 0.1))
+        assert budget.epsilon == pytest.approx(opacus_epsilon(1.0, 1.0, rounds, 1e-5), rel=1e-9)  # σ/2, rate 1
+        assert budget.level == "client" and "2C" in budget.adjacency
+    local = build_defense("local-dp", {"epsilon": 2.0, "delta": 1e-6})
+    assert (local.budget(Releases(3, 2, 0.1)).epsilon, local.budget(Releases(3, 2, 0.1)).delta) == (6.0, 3e-6)
+    dp_sgd = build_defense("dp-sgd", {"sigma": 1.0, "delta": 1e-5})
+    assert dp_sgd.budget(Releases(3, 4, 0.05)).epsilon == pytest.approx(opacus_epsilon(1.0, 0.05, 12, 1e-5), rel=1e-9)
+    assert dp_sgd.budget(Releases(3, 4, 0.05)).level == "example"
+
+
+def test_privacy_csv_gives_each_client_the_budget_of_the_rounds_it_took_part_in(tmp_path):
+    raw = tiny(federation={"num_clients": 5, "clients_per_round": 2, "rounds": 10}, threat_model={"rounds": [1]},
+               defenses=[{"name": "dp", "clip": 1.0, "sigma": 1.0}])
+    store, _ = run_inprocess(tmp_path, raw)
+    privacy = pd.read_csv(store.layout.privacy)
+    assert list(privacy.columns) == ["client", "defense", "participations", "epsilon", "delta", "level", "adjacency",
+                                     "adversary", "accountant"]
+    metrics = pd.read_csv(store.layout.metrics)
+    taken = {c: sum(str(c) in row.split() for row in metrics["clients"]) for c in range(5)}
+    assert dict(zip(privacy["client"], privacy["participations"], strict=True)) == taken
+    assert sum(taken.values()) == 20 and len(set(taken.values())) > 1 and 3 in taken.values()
+    for row in privacy.itertuples():
+        assert row.epsilon == pytest.approx(opacus_epsilon(0.5, 1.0, row.participations, 1e-5), rel=1e-9)
+    three = privacy[privacy.participations == 3]  # a client in 3 of 10 rounds: the 3-round budget, not 10
+    assert (three["epsilon"] == three["epsilon"].iloc[0]).all()
+    assert three["epsilon"].iloc[0] < privacy["epsilon"].max()
+    from fl_sim.report import build_report
+
+    html = build_report([store.root]).read_text()
+    assert "Privacy budget against the curious server" in html and "worst case ε" in html
+
+
+def test_dp_sgd_samples_its_batches_poisson_and_reports_their_expected_size(tmp_path):
+    from fl_sim.data.partition import poisson_batches
+
+    shard = np.arange(100, 300)
+    draws = [poisson_batches(shard, seed=0, client=1, server_round=r, batch_size=10, steps=1)[0] for r in range(2000)]
+    sizes = np.array([len(b) for b in draws])
+    assert sizes.mean() == pytest.approx(10, rel=0.03) and sizes.var() == pytest.approx(200 * 0.05 * 0.95, rel=0.1)
+    inclusion = np.bincount(np.concatenate(draws) - 100, minlength=200) / len(draws)
+    assert np.abs(inclusion - 0.05).max() < 0.025  # every example joins with rate q, independently of its index
+    both = [set(a) & set(b) for a, b in zip(draws[::2], draws[1::2], strict=True)]
+    assert np.mean([len(x) for x in both]) == pytest.approx(200 * 0.05**2, rel=0.25)  # independent across draws
+    raw = tiny(federation={"num_clients": 3, "clients_per_round": 3, "rounds": 3}, training={"batch_size": 4},
+               defenses=[{"name": "dp-sgd", "sigma": 1.0}])
+    store, seen = run_inprocess(tmp_path, raw)
+    ledger = SecretLedger(store.layout)
+    used = {len(ledger.get(o.server_round, o.client).batches[0]) for o in seen}
+    assert len(used) > 1  # Poisson: the realised sizes vary ...
+    assert {o.meta.batch_size for o in seen} == {4}  # ... and the server is told the expected one
+    assert (pd.read_csv(store.layout.privacy)["level"] == "example").all()
 
 
 def test_fedavg_defenses_act_on_the_weight_change(tmp_path):
@@ -266,7 +337,8 @@ def test_local_dp_needs_fedavg(write_scenario, cli, tmp_path):
 
 
 def per_sample_clipped_mean(obs, x, y, scenario, clip):
-    """Reference DP-SGD gradient without noise: mean over the batch of per-sample gradients clipped to ``clip``."""
+    """Reference DP-SGD gradient without noise: the per-sample gradients clipped to ``clip``, summed, over the
+    expected batch size (Poisson batches: Opacus divides by the expected size, not the realised one)."""
     import torch.nn.functional as F
 
     model = prepare(scenario).model()
@@ -279,7 +351,7 @@ def per_sample_clipped_mean(obs, x, y, scenario, clip):
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         for t, g in zip(total, grads, strict=True):
             t += g * min(1.0, clip / (float(norm) + 1e-6))
-    return {n: t / len(y) for n, t in zip(names, total, strict=True)}
+    return {n: t / scenario.training.batch_size for n, t in zip(names, total, strict=True)}
 
 
 def test_dp_sgd_sends_opacus_clipped_per_sample_mean(tmp_path):
@@ -365,20 +437,25 @@ def test_compare_again_keeps_finished_settings(comparison):
     assert (comparison / "comparison.html").is_file()
 
 
-def test_the_comparison_reads_epsilon_from_the_runs_without_rebuilding_a_federation(comparison, monkeypatch):
-    """ε is recorded in run.json during each run; the comparison report needs no federation to state it."""
+def test_the_comparison_reads_epsilon_from_the_runs_privacy_csv_without_rebuilding_a_federation(comparison,
+                                                                                                   monkeypatch):
     import json
 
     import fl_sim.federation.setup
     from fl_sim.report.comparison import build_comparison
 
-    states = {p.parent.name: json.loads(p.read_text()) for p in (comparison / "runs").glob("*/run.json")}
-    assert all(s["classes"] == [str(c) for c in range(10)] for s in states.values())
-    assert [s["epsilon"] is None for s in states.values()].count(False) == 2  # the two dp settings
+    runs = sorted((comparison / "runs").iterdir())
+    assert all(json.loads((r / "run.json").read_text())["classes"] == [str(c) for c in range(10)] for r in runs)
+    assert [(r / "privacy.csv").is_file() for r in runs].count(True) == 2  # the two dp settings
     monkeypatch.setattr(fl_sim.federation.setup, "prepare", lambda *_: pytest.fail("the report rebuilt a federation"))
     before = pd.read_csv(comparison / "comparison.csv")
-    build_comparison(comparison, sorted((comparison / "runs").iterdir()), "cmp")
-    pd.testing.assert_frame_equal(pd.read_csv(comparison / "comparison.csv"), before)
+    build_comparison(comparison, runs, "cmp")
+    after = pd.read_csv(comparison / "comparison.csv")
+    pd.testing.assert_frame_equal(after, before)
+    for run in (r for r in runs if (r / "privacy.csv").is_file()):
+        worst = pd.read_csv(run / "privacy.csv")["epsilon"].max()
+        setting = pd.read_csv(run / "results.csv")["defense"].iloc[0]
+        assert after.loc[after.setting == setting, "epsilon"].iloc[0] == pytest.approx(worst)
 
 
 def test_every_defense_declares_its_stage_through_its_base_class():

@@ -206,3 +206,11 @@ def test_ssim_on_small_images_uses_the_largest_odd_window_that_fits(side):
                                   win_size=window) for x, y in zip(b, a, strict=True)]
     np.testing.assert_allclose(ssim(a, b), want)
     np.testing.assert_allclose(pairwise_ssim(a, b).diagonal().numpy(), want, rtol=1e-10)
+
+
+def test_an_empty_poisson_batch_is_scored_as_nothing_to_recover(images):
+    rows = score(Reconstruction(images[:2], torch.zeros(2, dtype=torch.long), "idlg"), images[:0],
+                 torch.zeros(0, dtype=torch.long), ["psnr", "ssim"])
+    scores = {r["metric"]: r for r in rows}
+    assert scores["failed"]["value"] == 0 and all(np.isnan(scores[m]["value"]) for m in ("psnr", "ssim", "label_acc"))
+    assert "empty" in scores["psnr"]["note"]

@@ -1,4 +1,5 @@
-"""Client shards (IID or Dirichlet(α) over labels) and the batches each client uses per round.
+"""Client shards (IID or Dirichlet(α) over labels) and the batches each client uses per round (drawn without
+replacement, or Poisson-sampled for DP-SGD).
 
 Everything here is a pure function of (labels, seed, client, round): shards and batches are
 reproducible, which is what lets the simulation recover a client's Secret from sample indices.
@@ -81,3 +82,12 @@ def round_batches(shard: np.ndarray, *, seed: int, client: int, server_round: in
         return out
     size = min(batch_size, len(shard))
     return [rng.choice(shard, size=size, replace=False) for _ in range(local_steps)]
+
+
+def poisson_batches(shard: np.ndarray, *, seed: int, client: int, server_round: int, batch_size: int,
+                    steps: int) -> list[np.ndarray]:
+    """``steps`` Poisson samples of the shard, as Opacus's DPDataLoader draws them: each example joins a batch
+    independently with rate q = batch_size / |shard| (sizes vary, and may be 0), ascending indices."""
+    rng = BATCHES.rng(seed, client, server_round)
+    rate = min(1.0, batch_size / max(1, len(shard)))
+    return [np.sort(shard[rng.random(len(shard)) < rate]) for _ in range(steps)]

@@ -107,7 +107,7 @@ def build_client_app(scenario: Scenario | None = None, federation: Federation | 
         if scenario_now.features.share:  # pruned penultimate features of the batch under the received model
             shared = share_features(_eval_copy(fed, global_state), fed, batches[0], scenario_now.features.prune,
                                     defenses, torch.Generator().manual_seed(FEATURE_NOISE.seed(*key)))
-        metrics = client_metrics(client, batches, loss, plan, len(fed.shards[client]))
+        metrics = client_metrics(client, batches, loss, plan, len(fed.shards[client]), fed.poisson)
         return update, metrics, tuple(batches), shared
 
     @app.train(mods=[message_defenses])

@@ -29,12 +29,13 @@ Batches = tuple[np.ndarray, ...]  # dataset indices, one array per local step, i
 
 # --- what a client sends --------------------------------------------------------------------------------
 def client_metrics(client: int, batches: Sequence[np.ndarray], loss: float, plan: LocalTraining,
-                   shard_size: int) -> dict[str, Any]:
+                   shard_size: int, poisson: bool = False) -> dict[str, Any]:
     """The MetricRecord a client reports: the weight it claims (FedSGD: examples used; FedAvg: its shard)
-    and the protocol metadata of its local training."""
-    used = sum(len(b) for b in batches)
-    return {"num-examples": used if plan.protocol == "fedsgd" else shard_size, "train-loss": loss,
-            "client-id": client, "batch-size": len(batches[0]), "local-steps": len(batches), "lr": plan.lr}
+    and the protocol metadata of its local training. Poisson-sampled batches (DP-SGD) are reported at their
+    expected size: their realised sizes are part of what DP-SGD keeps private."""
+    sizes = [plan.batch_size] * len(batches) if poisson else [len(b) for b in batches]
+    return {"num-examples": sum(sizes) if plan.protocol == "fedsgd" else shard_size, "train-loss": loss,
+            "client-id": client, "batch-size": sizes[0], "local-steps": len(batches), "lr": plan.lr}
 
 
 def evaluation_record(batches: Batches) -> ConfigRecord:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from defenses import secure_aggregation
+from defenses import ADVERSARY, budgets, secure_aggregation
 from fl_sim.base.logs import run_log
 from fl_sim.engines import ENGINES
 from fl_sim.federation.client import CLIENT_ID_QUERY, build_client_app, scenario_from_context
@@ -58,6 +59,7 @@ class RoundEnd:
         self.model = self.fed.model()
         self.leakage = LeakageRunner(scenario, self.fed, store)
         self.inversion = InversionRunner(scenario, self.fed, store)
+        self.participation = store.participation()  # rounds each client was sampled in, resumed runs included
         self.started = time.perf_counter()
 
     def observed(self, record: RoundRecord) -> None:
@@ -67,6 +69,16 @@ class RoundEnd:
         self.leakage.keep(record.server_round, record.batches)
         for failure in record.failures:
             log.warning("round %d: client failed: %s", record.server_round, failure)
+
+    def account(self) -> None:
+        """privacy.csv: each client's budget against the curious server, for the rounds it took part in so far."""
+        specs = self.fed.scenario.defenses
+        rows = [{"client": client, "defense": name, "participations": self.participation[client]}
+                | asdict(budget) | {"adversary": ADVERSARY}
+                for client in range(len(self.fed.shards))
+                for name, budget in budgets(specs, self.fed.releases(client, self.participation[client]))]
+        if rows:
+            self.store.write_privacy(rows)
 
     def test(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
         self.model.load_state_dict(state)
@@ -80,6 +92,8 @@ class RoundEnd:
         self.inversion(record.server_round, state)
         if self.on_round_end is not None:
             self.on_round_end(record.server_round, record.observations)
+        self.participation.update(record.clients)
+        self.account()
         train, ev = record.train_metrics, record.eval_metrics
         self.store.finish_round(record.server_round, {k: v.detach().cpu() for k, v in state.items()}, {
             "test_loss": loss, "test_acc": acc, "train_loss": train.get("train-loss", np.nan),
@@ -103,7 +117,7 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
     remaining = scenario.federation.rounds - start
     if remaining <= 0:
         return
-    store.update_state(classes=fed.classes, epsilon=fed.epsilon())  # what later stages read instead of rebuilding
+    store.update_state(classes=fed.classes)  # what later stages read instead of rebuilding a federation
     initial = store.checkpoint() or {k: v.detach().cpu() for k, v in fed.model().state_dict().items()}
     node_clients = discover_clients(grid, scenario.federation.num_clients)
     end = RoundEnd(scenario, fed, store, on_round_end, progress)

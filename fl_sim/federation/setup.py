@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from defenses import Participation, epsilon, prepare_model
+from defenses import Releases, needs_poisson_batches, prepare_model
 from fl_sim.base.errors import ScenarioError, UserInputError
 from fl_sim.data.images import DataSplits
-from fl_sim.data.partition import partition, round_batches, split_holdout
+from fl_sim.data.partition import partition, poisson_batches, round_batches, split_holdout
 from fl_sim.data.sources import load_dataset
 from fl_sim.models import build_model
 from fl_sim.observation import Normalization
@@ -35,10 +35,28 @@ class Federation:
         """A fresh copy of the round-0 global model on the scenario's device."""
         return copy.deepcopy(self.template).to(self.device)
 
+    @property
+    def poisson(self) -> bool:
+        """Whether clients Poisson-sample their batches (their DP-SGD accountant assumes it)."""
+        return needs_poisson_batches(self.scenario.defenses)
+
+    def steps(self, client: int, plan: LocalTraining) -> int:
+        """Local steps per round: FedSGD 1; FedAvg ``local_steps``, or one pass of the shard per local epoch."""
+        if plan.protocol == "fedsgd" or not plan.local_epochs:
+            return 1 if plan.protocol == "fedsgd" else plan.local_steps
+        return plan.local_epochs * math.ceil(len(self.shards[client]) / plan.batch_size)
+
     def batches(self, client: int, server_round: int, plan: LocalTraining) -> list[np.ndarray]:
         """The client's batches this round, as the server's training instruction ``plan`` asks."""
-        return round_batches(self.shards[client], seed=self.scenario.seed, client=client, server_round=server_round,
-                             batch_size=plan.batch_size, local_steps=plan.local_steps, local_epochs=plan.local_epochs)
+        key = dict(seed=self.scenario.seed, client=client, server_round=server_round, batch_size=plan.batch_size)
+        if self.poisson:
+            return poisson_batches(self.shards[client], steps=self.steps(client, plan), **key)
+        return round_batches(self.shards[client], local_steps=plan.local_steps, local_epochs=plan.local_epochs, **key)
+
+    def releases(self, client: int, participations: int) -> Releases:
+        """What the client has released after ``participations`` rounds, for its privacy accounting."""
+        plan = LocalTraining.from_scenario(self.scenario.training)
+        return Releases(participations, self.steps(client, plan), min(1.0, plan.batch_size / len(self.shards[client])))
 
     def union(self, clients: list[int], server_round: int) -> tuple[np.ndarray, ...]:
         """The batches of ``clients`` in ``server_round`` joined step by step (what a secure aggregate mixes)."""
@@ -50,15 +68,6 @@ class Federation:
         """The most examples a client reports as its weight (FedSGD: its batch; FedAvg: its shard)."""
         t = self.scenario.training
         return t.batch_size if t.protocol == "fedsgd" else max(len(s) for s in self.shards)
-
-    def epsilon(self) -> float | None:
-        """ε at the defenses' δ after all rounds (defenses.epsilon), None when no defense defines one."""
-        s, t = self.scenario, self.scenario.training
-        shard = float(np.mean([len(x) for x in self.shards]))
-        steps = 1 if t.protocol == "fedsgd" else (t.local_steps if not t.local_epochs else
-                                                  t.local_epochs * math.ceil(shard / t.batch_size))
-        return epsilon(s.defenses, Participation(s.federation.rounds, s.federation.clients_per_round /
-                                                 s.federation.num_clients, t.batch_size / shard, steps))
 
     @property
     def classes(self) -> list[str]:

@@ -13,6 +13,7 @@ from attacks import Reconstruction
 from fl_sim.leakage.metrics import METRICS, MetricUnavailable, label_accuracy
 
 Pairing = tuple[np.ndarray, np.ndarray]  # (reconstruction indices, ground-truth indices)
+EMPTY_BATCH = "the client's batch was empty (Poisson sampling): no private example to recover"
 
 
 def pair(rec: torch.Tensor, gt: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -28,6 +29,8 @@ def score(rec: Reconstruction, gt_images: torch.Tensor, gt_labels: torch.Tensor,
                                    "note": rec.failure or ""},
                                   {"metric": "iterations", "value": rec.iterations, "note": ""},
                                   {"metric": "seconds", "value": round(rec.seconds, 4), "note": ""}]
+    if len(gt_images) == 0:  # a Poisson-sampled batch (DP-SGD) can be empty: the update carried noise only
+        return rows + [{"metric": name, "value": math.nan, "note": EMPTY_BATCH} for name in ["label_acc", *metrics]]
     if rec.labels is not None:
         rows.append({"metric": "label_acc", "value": label_accuracy(rec.labels, gt_labels), "note": ""})
     if rec.failure is not None:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from defenses import ADVERSARY
 from fl_sim.base.atomic import write_text
 from fl_sim.leakage.metrics import METRICS, SCORES
 from fl_sim.report import tables
@@ -78,6 +79,7 @@ def build_report(run_dirs: list[Path], out: Path | None = None, rule: RecoveryRu
         "cases": _cases_table(cases, unavailable, multi),
         "by_round": _by_round_table(stats, unavailable, multi),
         "utility": _utility_table(runs, multi),
+        "privacy": _privacy_table(runs, multi), "privacy_worst": _privacy_worst(runs), "adversary": ADVERSARY,
         "has_attacks": not recs.empty,
         "has_inversions": any(s.inversions for s in sections),
     }
@@ -111,7 +113,7 @@ def _unique_names(runs: list[RunData]) -> list[RunData]:
     for i, r in enumerate(runs):
         name = f"{r.root.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name
         name = name if name not in [x.name for x in renamed] else f"{name}#{i + 1}"
-        renamed.append(RunData(r.root, name, r.scenario, r.state, r.metrics, r.results.assign(run=name)))
+        renamed.append(RunData(r.root, name, r.scenario, r.state, r.metrics, r.results.assign(run=name), r.privacy))
     return renamed
 
 
@@ -217,6 +219,36 @@ def _utility_table(runs: list[RunData], multi: bool) -> pd.DataFrame:
                          "client eval accuracy (%)": _pct(m["eval_acc"]), "clients": m["clients"],
                          "failed clients": m["failures"], "round time (s)": _num(m["round_seconds"], ".2f")})
     return _drop_run(pd.DataFrame(rows), multi)
+
+
+def _privacy_table(runs: list[RunData], multi: bool) -> pd.DataFrame | None:
+    """Per run, defense and participations: the budget (the same for every client with that many rounds)."""
+    frames = [r.privacy.assign(run=r.name) for r in runs if not r.privacy.empty]
+    if not frames:
+        return None
+    keys = ["run", "defense", "level", "participations", "epsilon", "delta", "accountant", "adjacency"]
+    table = pd.concat(frames).groupby(keys, sort=True).size().reset_index(name="clients")
+    table["ε"] = [_epsilon(e) for e in table["epsilon"]]
+    table["δ"] = [f"{d:.2g}" for d in table["delta"]]
+    columns = ["run", "defense", "level", "participations", "clients", "ε", "δ", "adjacency", "accountant"]
+    return _drop_run(table[columns], multi)
+
+
+def _privacy_worst(runs: list[RunData]) -> list[str]:
+    lines = []
+    for r in runs:
+        if r.privacy.empty:
+            continue
+        per_client = r.privacy.groupby("client")["epsilon"].sum()
+        client = int(per_client.idxmax())
+        rounds = int(r.privacy.loc[r.privacy["client"] == client, "participations"].max())
+        lines.append(f"{r.name}: worst case ε = {_epsilon(per_client.max())} (client {client}, {rounds} rounds; "
+                     f"several defenses' ε add up), median {_epsilon(per_client.median())}.")
+    return lines
+
+
+def _epsilon(value: float) -> str:
+    return "∞" if math.isinf(value) else f"{value:.3g}"
 
 
 def _write_data(files: ReportFiles, runs: list[RunData], recs: pd.DataFrame, stats: pd.DataFrame,

@@ -37,13 +37,13 @@ class Setting:
     run: RunData
     label: str  # "none", "dp(sigma=0.01)", ...
     kind: str  # the (first) defense's name, or "none"
-    epsilon: float | None  # the privacy budget where a defense defines one (recorded in run.json by the run)
+    epsilon: float | None  # the worst client's ε against the curious server (the run's privacy.csv)
 
 
 def load_setting(root: Path) -> Setting:
     run = load_run(root)
     specs = run.scenario.defenses
-    return Setting(run, defense_label(specs), specs[0].name if specs else "none", run.state.get("epsilon"))
+    return Setting(run, defense_label(specs), specs[0].name if specs else "none", run.worst_epsilon())
 
 
 def comparison_table(settings: list[Setting], rule: RecoveryRule) -> pd.DataFrame:

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from fl_sim.scenario import Scenario
-from fl_sim.store import METRIC_COLUMNS, RESULT_COLUMNS, RunStore
+from fl_sim.store import METRIC_COLUMNS, PRIVACY_COLUMNS, RESULT_COLUMNS, RunStore
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,13 @@ class RunData:
     state: dict[str, Any]
     metrics: pd.DataFrame  # one row per finished round (METRIC_COLUMNS)
     results: pd.DataFrame  # tidy leakage rows of finished rounds (RESULT_COLUMNS, value numeric)
+    privacy: pd.DataFrame  # each client's budget against the curious server (PRIVACY_COLUMNS; empty without DP)
+
+    def worst_epsilon(self) -> float | None:
+        """The largest ε any client has (its defenses' ε summed: basic composition), None without DP."""
+        if self.privacy.empty:
+            return None
+        return float(self.privacy.groupby("client")["epsilon"].sum().max())
 
     @property
     def last_round(self) -> int:
@@ -55,7 +62,8 @@ def load_run(root: Path) -> RunData:
     results["value"] = pd.to_numeric(results["value"], errors="coerce")
     for column in ("note", "label_strategy", "defense"):
         results[column] = results[column].astype(object).fillna("").astype(str)
-    return RunData(root, root.name, store.scenario(), state, metrics, results)
+    privacy = (pd.read_csv(layout.privacy) if layout.privacy.is_file() else pd.DataFrame(columns=PRIVACY_COLUMNS))
+    return RunData(root, root.name, store.scenario(), state, metrics, results, privacy)
 
 
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """RunLayout: the one owner of a run folder's names. Every writer and reader asks it for paths, and names
 are parsed back here only (round numbers, (attack, client) of a reconstruction).
 
-    <run>/scenario.toml  run.json  metrics.csv  results.csv  inversion.csv  checkpoint.safetensors  run.log
+    <run>/scenario.toml  run.json  metrics.csv  results.csv  inversion.csv  privacy.csv  checkpoint.safetensors  run.log
           observations/round-RRRR/global.safetensors + client-CCCC.{safetensors,json,features.safetensors}
           secrets/round-RRRR.json
           reconstructions/round-RRRR/<attack>-client-CCCC.safetensors
@@ -81,6 +81,10 @@ class RunLayout:
     @property
     def inversion_rows(self) -> Path:
         return self.root / "inversion.csv"
+
+    @property
+    def privacy(self) -> Path:
+        return self.root / "privacy.csv"
 
     @property
     def checkpoint(self) -> Path:

@@ -8,6 +8,7 @@ Where each file lives is :class:`fl_sim.store.layout.RunLayout`'s; what the stor
   metrics.csv        per round: test accuracy/loss, train loss, client evaluation, participants, timings
   results.csv        tidy leakage rows: run, round, client, attack, defense, metric, value, label_strategy, note
   inversion.csv      model attacks (TLDR): run, round, attack, class, metric, value, note
+  privacy.csv        runs with a DP defense: each client's (ε, δ) against the curious server so far
   observations/      what the server saw, per round and client
   checkpoint.safetensors  global model after the last finished round
 """
@@ -18,6 +19,7 @@ import csv
 import json
 import shutil
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from fl_sim.store.observations import save_global_state, save_observation
 
 RESULT_COLUMNS = ["run", "round", "client", "attack", "defense", "metric", "value", "label_strategy", "note"]
 INVERSION_COLUMNS = ["run", "round", "attack", "class", "metric", "value", "note"]
+PRIVACY_COLUMNS = ["client", "defense", "participations", "epsilon", "delta", "level", "adjacency", "adversary",
+                   "accountant"]
 METRIC_COLUMNS = ["round", "test_loss", "test_acc", "train_loss", "eval_loss", "eval_acc", "clients", "failures",
                   "round_seconds", "record_seconds"]
 
@@ -140,6 +144,22 @@ class RunStore:
         with open(self.layout.metrics, "a", newline="") as f:
             csv.DictWriter(f, METRIC_COLUMNS).writerow({"round": server_round} | metrics)
         self.update_state(last_round=server_round)
+
+    def participation(self) -> Counter[int]:
+        """client → rounds it was sampled in, over the finished rounds (metrics.csv's ``clients``)."""
+        counts: Counter[int] = Counter()
+        with open(self.layout.metrics, newline="") as f:
+            for row in csv.DictReader(f):
+                if int(row["round"]) <= self.last_round:
+                    counts.update(int(c) for c in row["clients"].split())
+        return counts
+
+    def write_privacy(self, rows: list[dict[str, Any]]) -> None:
+        """privacy.csv, rewritten whole (one row per client and accounted defense)."""
+        with atomic_path(self.layout.privacy) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, PRIVACY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
 
     def append_inversions(self, rows: list[dict[str, Any]]) -> None:
         """Model-attack rows → inversion.csv, created with its header on first use."""
