@@ -49,8 +49,8 @@ class Recipe(BaseModel):
     early_stop: float = Field(0.0, ge=0, description="stop when |Δloss| < ε over `patience` iterations (0: off)")
     patience: int = Field(10, ge=1)
     compile: bool = Field(False, description="torch.compile the matching step (FedSGD with Adam): a one-time "
-                          "compilation (~25 s LeNet, ~100 s ResNet-18 on 2 CPU cores, cached on disk), then "
-                          "about 2x faster iterations")
+                          "compilation (0.7-12 s LeNet, 81-86 s ResNet-18 on 2 CPU cores, cached on disk; "
+                          "benchmarks/batched_attacks.py), then 1.5-2.3x faster iterations")
     # label recovery parameters
     lrb_gamma: float = Field(0.4, gt=0, description="LRB probability-gap threshold γ")
     lrb_scale: float = Field(1e7, gt=0, description="LRB input scale Con (RAF-GI: 1e17 / 1e10 ≡ 1e7)")
