@@ -106,10 +106,9 @@ def prepare_model(specs: Sequence[Any], model: torch.nn.Module) -> torch.nn.Modu
     return model
 
 
-def budgets(specs: Sequence[Any], releases: Releases) -> list[tuple[str, Budget]]:
-    """(defense name, its budget for ``releases``) for every scenario defense that defines one."""
-    return [(s.name, d.budget(releases)) for s, d in zip(specs, build_all(specs), strict=True)
-            if isinstance(d, Accountant)]
+def accountants(specs: Sequence[Any]) -> list[tuple[str, Accountant]]:
+    """(defense name, the defense) for every scenario defense that defines a privacy budget."""
+    return [(s.name, d) for s, d in zip(specs, build_all(specs), strict=True) if isinstance(d, Accountant)]
 
 
 def needs_poisson_batches(specs: Sequence[Any]) -> bool:
@@ -149,5 +148,5 @@ def defend(defenses: Sequence[Defense], update: Update, global_state: dict[str, 
 
 __all__ = ["ADVERSARY", "AGGREGATE_CLIENT", "DEFENSES", "Budget", "Defense", "DefenseContext", "DefenseType",
            "FeatureDefense", "MessageDefense", "ProtocolDefense", "Releases", "Stage", "TrainingDefense",
-           "UpdateDefense", "budgets", "build_all", "build_defense", "defend", "defense_label", "of_stage",
+           "UpdateDefense", "accountants", "build_all", "build_defense", "defend", "defense_label", "of_stage",
            "needs_poisson_batches", "prepare_model", "secure_aggregation"]

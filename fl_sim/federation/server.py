@@ -7,13 +7,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from defenses import ADVERSARY, budgets, secure_aggregation
+from defenses import ADVERSARY, Releases, accountants, secure_aggregation
 from fl_sim.base.logs import run_log
 from fl_sim.engines import ENGINES
 from fl_sim.federation.client import CLIENT_ID_QUERY, build_client_app, scenario_from_context
@@ -60,6 +61,8 @@ class RoundEnd:
         self.leakage = LeakageRunner(scenario, self.fed, store)
         self.inversion = InversionRunner(scenario, self.fed, store)
         self.participation = store.participation()  # rounds each client was sampled in, resumed runs included
+        self.accountants = accountants(scenario.defenses)
+        self._budgets: dict[Releases, list[dict[str, Any]]] = {}  # clients with equal releases share a budget
         self.started = time.perf_counter()
 
     def observed(self, record: RoundRecord) -> None:
@@ -72,13 +75,17 @@ class RoundEnd:
 
     def account(self) -> None:
         """privacy.csv: each client's budget against the curious server, for the rounds it took part in so far."""
-        specs = self.fed.scenario.defenses
-        rows = [{"client": client, "defense": name, "participations": self.participation[client]}
-                | asdict(budget) | {"adversary": ADVERSARY}
-                for client in range(len(self.fed.shards))
-                for name, budget in budgets(specs, self.fed.releases(client, self.participation[client]))]
-        if rows:
-            self.store.write_privacy(rows)
+        if not self.accountants:
+            return
+        rows = []
+        for client in range(len(self.fed.shards)):
+            releases = self.fed.releases(client, self.participation[client])
+            if releases not in self._budgets:
+                self._budgets[releases] = [{"defense": name, "participations": releases.participations}
+                                           | asdict(defense.budget(releases)) | {"adversary": ADVERSARY}
+                                           for name, defense in self.accountants]
+            rows += [{"client": client} | row for row in self._budgets[releases]]
+        self.store.write_privacy(rows)
 
     def test(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
         self.model.load_state_dict(state)

@@ -228,7 +228,7 @@ def _privacy_table(runs: list[RunData], multi: bool) -> pd.DataFrame | None:
         return None
     keys = ["run", "defense", "level", "participations", "epsilon", "delta", "accountant", "adjacency"]
     table = pd.concat(frames).groupby(keys, sort=True).size().reset_index(name="clients")
-    table["ε"] = [_epsilon(e) for e in table["epsilon"]]
+    table["ε"] = [tables.fmt_epsilon(e) for e in table["epsilon"]]
     table["δ"] = [f"{d:.2g}" for d in table["delta"]]
     columns = ["run", "defense", "level", "participations", "clients", "ε", "δ", "adjacency", "accountant"]
     return _drop_run(table[columns], multi)
@@ -239,16 +239,12 @@ def _privacy_worst(runs: list[RunData]) -> list[str]:
     for r in runs:
         if r.privacy.empty:
             continue
-        per_client = r.privacy.groupby("client")["epsilon"].sum()
+        per_client = r.client_epsilon()
         client = int(per_client.idxmax())
         rounds = int(r.privacy.loc[r.privacy["client"] == client, "participations"].max())
-        lines.append(f"{r.name}: worst case ε = {_epsilon(per_client.max())} (client {client}, {rounds} rounds; "
-                     f"several defenses' ε add up), median {_epsilon(per_client.median())}.")
+        lines.append(f"{r.name}: worst case ε = {tables.fmt_epsilon(per_client.max())} (client {client}, {rounds} "
+                     f"rounds; several defenses' ε add up), median {tables.fmt_epsilon(per_client.median())}.")
     return lines
-
-
-def _epsilon(value: float) -> str:
-    return "∞" if math.isinf(value) else f"{value:.3g}"
 
 
 def _write_data(files: ReportFiles, runs: list[RunData], recs: pd.DataFrame, stats: pd.DataFrame,

@@ -190,8 +190,7 @@ def _display(table: pd.DataFrame, rule: RecoveryRule, unavailable: dict[str, str
     if table.empty:
         return table
     frame = table[["setting", "attack"]].copy()
-    frame["ε"] = ["–" if e is None or (isinstance(e, float) and math.isnan(e)) else
-                  ("∞" if math.isinf(e) else f"{e:.3g}") for e in table["epsilon"]]
+    frame["ε"] = [tables.fmt_epsilon(e) for e in table["epsilon"]]
     for score in SCORES:
         missing = "unavailable" if score in unavailable else "–"
         frame[label(score)] = [missing if math.isnan(m) else fmt(score, m) + ("" if math.isnan(sd) else

@@ -23,11 +23,13 @@ class RunData:
     results: pd.DataFrame  # tidy leakage rows of finished rounds (RESULT_COLUMNS, value numeric)
     privacy: pd.DataFrame  # each client's budget against the curious server (PRIVACY_COLUMNS; empty without DP)
 
+    def client_epsilon(self) -> pd.Series:
+        """client → its ε against the curious server (its defenses' ε summed: basic composition); empty without DP."""
+        return self.privacy.groupby("client")["epsilon"].sum()
+
     def worst_epsilon(self) -> float | None:
-        """The largest ε any client has (its defenses' ε summed: basic composition), None without DP."""
-        if self.privacy.empty:
-            return None
-        return float(self.privacy.groupby("client")["epsilon"].sum().max())
+        """The largest ε any client has, None without DP."""
+        return None if self.privacy.empty else float(self.client_epsilon().max())
 
     @property
     def last_round(self) -> int:

@@ -28,6 +28,13 @@ def higher_is_better(score: str) -> bool:
     return METRICS.get(score).higher_is_better
 
 
+def fmt_epsilon(value: float | None) -> str:
+    """A privacy budget as the tables print it: –, ∞ or 3 significant digits."""
+    if value is None or math.isnan(value):
+        return "–"
+    return "∞" if math.isinf(value) else f"{value:.3g}"
+
+
 def fmt(score: str, value: float) -> str:
     """A score (or ``seconds``) as the tables print it."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
