@@ -8,6 +8,7 @@ ablations). An entry also says what it needs of the model's structure.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -93,16 +94,23 @@ def yin(signal: LabelSignal, _: LabelParams) -> torch.Tensor:
     return torch.sort(torch.argsort(row_min)[: signal.batch_size]).values
 
 
-def lrb_head(model: nn.Module) -> nn.Module:
-    """LRB's network: the model's last block, average pool and FC, sharing the model's weights."""
+def lrb_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Linear]:
+    """The model's last residual block, average pool and FC (what LRB's network is made of)."""
     layer4, avgpool, fc = (getattr(model, n, None) for n in ("layer4", "avgpool", "fc"))
     if not isinstance(layer4, nn.Sequential) or avgpool is None or not isinstance(fc, nn.Linear):
         raise LabelRecoveryError("needs the model's last residual block feeding average pooling and the classifier "
                                  "(as resnet18 and resnet50 have)")
-    return nn.Sequential(layer4[-1], avgpool, nn.Flatten(), fc).eval()
+    return layer4[-1], avgpool, fc
 
 
-@from_gradient("lrb", "AFGI Algorithm 1: row-minima, then duplicates through the last block", requires=lrb_head)
+def lrb_head(model: nn.Module) -> nn.Module:
+    """LRB's network: copies of the model's last block, average pool and FC, in eval mode. Copies, so that
+    label recovery leaves the model (whose BatchNorm may replay the client's batch statistics) untouched."""
+    block, avgpool, fc = lrb_parts(model)
+    return nn.Sequential(copy.deepcopy(block), copy.deepcopy(avgpool), nn.Flatten(), copy.deepcopy(fc)).eval()
+
+
+@from_gradient("lrb", "AFGI Algorithm 1: row-minima, then duplicates through the last block", requires=lrb_parts)
 def lrb(signal: LabelSignal, params: LabelParams) -> torch.Tensor:
     """AFGI Algorithm 1 (RAF-GI's ACB).
 
