@@ -115,7 +115,7 @@ class FeatureInversion(ObservationAttack):
                 if (failure := divergence(value, len(trace) + 1)) is not None:
                     return Reconstruction(x.detach().clamp(0, 1).cpu(), None, "", trace, len(trace),
                                           time.perf_counter() - start, failure=failure)
-                loss.backward()
+                loss.backward(inputs=[x])  # the images only, never the weights
                 optimizer.step()
                 with torch.no_grad():
                     x.clamp_(0, 1)

@@ -2,7 +2,8 @@
 
     candidate images z ──► ClientSimulator (the client's gradient, or unrolled FedAvg steps)
                        ──► GradientDistance to the observed update + weighted image priors
-                       ──► optimize (restarts; the lowest final loss wins)
+                       ──► optimize (a trial keeps its lowest-objective iterate; of the restarts the
+                           lowest gradient distance wins)
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from attacks.edges import EdgePrior, baseline_point
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelRecoveryError, LabelSignal, last_linear
 from attacks.matching import GradientDistance
 from attacks.optimize import Monitor, Trial, optimize
-from attacks.recipe import Recipe
+from attacks.recipe import Recipe, budgeted
 from attacks.regularizers import (
-    Regularizer,
+    Prior,
     batch_orthogonality,
     channel_mean_prior,
     l2_norm,
     sixth_power,
     total_variation,
+    total_variation_input,
+    with_priors,
 )
 from attacks.simulate import ClientSimulator, UnsupportedObservation
 from fl_sim.base.cpu import tuned_for
@@ -65,9 +68,10 @@ class GradientInversion(ObservationAttack):
 
     def reconstruct(self, obs: Observation, model: nn.Module,
                     oracle_labels: torch.Tensor | None = None) -> Reconstruction:
-        if self.recipe.compile and oracle_labels is None and unbatchable(self.recipe, [obs], model) is None:
-            return self.reconstruct_many([obs], model)[0]  # compilation needs the functional (batched) step
-        with tuned_for(model, next(model.parameters()).device):
+        device = next(model.parameters()).device
+        with tuned_for(model, device):
+            if self.recipe.compile and oracle_labels is None and unbatchable(self.recipe, [obs], model) is None:
+                return self._reconstruct_batched([obs], model, device)[0]  # compiling needs the functional step
             return self._reconstruct(obs, model, oracle_labels)
 
     def _reconstruct(self, obs: Observation, model: nn.Module, oracle_labels: torch.Tensor | None) -> Reconstruction:
@@ -79,21 +83,20 @@ class GradientInversion(ObservationAttack):
         except (UnsupportedObservation, LabelRecoveryError) as err:
             empty = torch.zeros(0, *obs.image_shape)
             return Reconstruction(empty, None, r.labels, failure=str(err), seconds=time.perf_counter() - start)
+        r = budgeted(r, sim.num_images)
         norm = obs.normalization
         ones = torch.ones(1, obs.image_shape[0], 1, 1, device=device)
         bounds = (norm.normalize(ones * 0), norm.normalize(ones))
         distance = GradientDistance(sim.target, r.loss, r.layer_weights)
         priors = self._priors(sim, obs)
 
-        def objective(z: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        def objective(z: torch.Tensor, logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             y = labels if logits is None else F.softmax(logits, dim=-1)
-            loss = distance(sim(z, y))
-            x = norm.denormalize(z)
-            for weight, prior in priors:
-                loss = loss + weight * prior(x)
+            matched = distance(sim(z, y))
+            loss = matched + with_priors(priors, z, norm)
             if r.bn_stats:
                 loss = loss + r.bn_stats * sim.bn_statistics_loss()
-            return loss
+            return loss, matched
 
         trials: list[Trial] = []
         for k in range(r.restarts):
@@ -113,9 +116,9 @@ class GradientInversion(ObservationAttack):
 
     def _result(self, trials: list[Trial], labels: torch.Tensor | None, obs: Observation,
                 seconds: float) -> Reconstruction:
-        """The trial with the lowest final loss (restarts), as images in [0, 1] and its labels."""
+        """The trial with the lowest gradient distance (restarts), as images in [0, 1] and its labels."""
         good = [t for t in trials if t.failure is None]
-        best = min(good, key=lambda t: t.loss) if good else trials[0]
+        best = min(good, key=lambda t: t.score) if good else trials[0]
         images = obs.normalization.denormalize(best.z).clamp(0, 1).cpu()
         found = best.label_logits.argmax(-1) if best.label_logits is not None else labels
         return Reconstruction(images, None if found is None else found.cpu(), self.recipe.labels, best.trace,
@@ -123,9 +126,9 @@ class GradientInversion(ObservationAttack):
 
     def reconstruct_many(self, observations: list[Observation], model: nn.Module) -> list[Reconstruction]:
         """Every observation of one round, all restarts included, as one batched optimisation when the
-        recipe allows it (attacks.batched); otherwise one by one. Same results either way."""
+        recipe asks for it (``batched``) and allows it (attacks.batched); otherwise one by one."""
         alone = len(observations) * self.recipe.restarts < 2 and not self.recipe.compile
-        if alone or unbatchable(self.recipe, observations, model) is not None:
+        if alone or not self.recipe.batched or unbatchable(self.recipe, observations, model) is not None:
             return [self.reconstruct(obs, model) for obs in observations]
         device = next(model.parameters()).device
         with tuned_for(model, device):
@@ -137,7 +140,7 @@ class GradientInversion(ObservationAttack):
         problems: list[Problem] = []
         owners: list[int] = []
         failures: dict[int, Reconstruction] = {}
-        priors: list[tuple[float, Regularizer]] = []
+        priors: list[Prior] = []
         for i, obs in enumerate(observations):
             try:
                 sim = ClientSimulator(model, obs, device)
@@ -152,7 +155,7 @@ class GradientInversion(ObservationAttack):
                 logits0 = torch.randn(sim.num_images, obs.num_classes, generator=gen) if self.joint_labels else None
                 problems.append(Problem(sim.target, labels, z0, logits0))
                 owners.append(i)
-        matching = BatchedMatching(model, observations[0], r, priors, device)
+        matching = BatchedMatching(model, observations[0], budgeted(r, observations[0].meta.batch_size), priors, device)
         trials = matching.solve(problems, self._watch(observations[0])) if problems else []
         seconds = (time.perf_counter() - start) / len(observations)
         out: list[Reconstruction] = []
@@ -177,16 +180,18 @@ class GradientInversion(ObservationAttack):
         signal = LabelSignal(sim.label_signal_grad(fc_name), sim.num_images, sim.model)
         return strategy(signal, LabelParams(r.lrb_gamma, r.lrb_scale)).to(sim.device)
 
-    def _priors(self, sim: ClientSimulator, obs: Observation) -> list[tuple[float, Regularizer]]:
+    def _priors(self, sim: ClientSimulator, obs: Observation) -> list[Prior]:
         r = self.recipe
-        priors: list[tuple[float, Regularizer]] = [
-            (r.tv, total_variation), (r.mean_prior, channel_mean_prior(r.mean_prior_value)),
-            (r.sixth_power, sixth_power), (r.l2, l2_norm), (r.orthogonality, batch_orthogonality)]
+        tv = (r.tv, total_variation_input, "input") if r.tv_space == "input" else (r.tv, total_variation, "image")
+        priors: list[Prior] = [
+            tv, (r.mean_prior, channel_mean_prior(r.mean_prior_value), "image"),
+            (r.sixth_power, sixth_power, "image"), (r.l2, l2_norm, "image"),
+            (r.orthogonality, batch_orthogonality, "image")]
         if r.edge:
             fc_name, _ = last_linear(sim.model)
             point = baseline_point(sim.label_signal_grad(fc_name), *obs.image_shape[1:], r.edge_beta)
-            priors.append((r.edge, EdgePrior(point, r.edge_theta1, r.edge_theta2)))
-        return [(w, p) for w, p in priors if w > 0]
+            priors.append((r.edge, EdgePrior(point, r.edge_theta1, r.edge_theta2), "image"))
+        return [p for p in priors if p[0] > 0]
 
     def _init(self, n: int, obs: Observation, gen: torch.Generator) -> torch.Tensor:
         """Initial candidates in the model's input space: U(0, 1) image, N(0, 1), or mid-gray."""

@@ -16,14 +16,16 @@ def layer_weights(n: int, scheme: str) -> list[float]:
 
 def gradient_distance(trial: list[torch.Tensor], target: list[torch.Tensor], weights: list[float], loss: str,
                       target_norm: torch.Tensor) -> torch.Tensor:
-    """The distance between a trial gradient and the target (lists of per-layer tensors), a scalar."""
+    """The distance between a trial gradient and the target (lists of per-layer tensors), a scalar.
+    Uniform weights skip the multiplications (two fewer ops per layer, forward and backward)."""
+    uniform = all(w == 1.0 for w in weights)
     pairs = zip(weights, trial, target, strict=True)
     if loss == "l2":
-        return sum(w * (g - t).pow(2).sum() for w, g, t in pairs)
+        return sum((g - t).pow(2).sum() if uniform else w * (g - t).pow(2).sum() for w, g, t in pairs)
     dot, trial_sq = 0.0, 0.0
     for w, g, t in pairs:
-        dot = dot + w * (g * t).sum()
-        trial_sq = trial_sq + w * g.pow(2).sum()
+        dot = dot + ((g * t).sum() if uniform else w * (g * t).sum())
+        trial_sq = trial_sq + (g.pow(2).sum() if uniform else w * g.pow(2).sum())
     return 1 - dot / (torch.sqrt(trial_sq) * target_norm).clamp_min(1e-30)
 
 

@@ -12,18 +12,22 @@ from tqdm import tqdm
 
 from attacks.recipe import Recipe
 
-Objective = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (z, label logits) → (objective incl. priors, gradient distance alone), both scalars
+Objective = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 Monitor = Callable[[int, torch.Tensor], bool]  # (iteration, current z) → stop? (benchmarks only)
-MILESTONES = {"ggi": ((3 / 8, 5 / 8, 7 / 8), 0.1), "afgi": ((2 / 7, 4 / 7, 6 / 7), 0.2)}
+MILESTONES: dict[str, tuple[Callable[[int], list[int]], float]] = {
+    # inversefed / breaching's step-lr: n // 2.667, n // 1.6, n // 1.142 (≈ 3/8, 5/8, 7/8)
+    "ggi": (lambda n: [int(n // 2.667), int(n // 1.6), int(n // 1.142)], 0.1),
+    "afgi": (lambda n: [int(n * f) for f in (2 / 7, 4 / 7, 6 / 7)], 0.2),
+}
 
 
 def step_schedule(opt: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """ggi: lr ×0.1 at 3/8, 5/8, 7/8 of the iterations; afgi: ×0.2 after each 2/7; none: constant."""
+    """ggi: lr ×0.1 at n // 2.667, n // 1.6, n // 1.142 (breaching); afgi: ×0.2 after each 2/7; none: constant."""
     if recipe.schedule not in MILESTONES:
         return None
-    fractions, gamma = MILESTONES[recipe.schedule]
-    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(recipe.iterations * f) for f in fractions],
-                                                gamma=gamma)
+    milestones, gamma = MILESTONES[recipe.schedule]
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones(recipe.iterations), gamma=gamma)
 
 
 def divergence(loss: float, iteration: int, finite_candidates: bool = True) -> str | None:
@@ -41,13 +45,25 @@ def clipped(z: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch
     return torch.maximum(torch.minimum(z, bounds[1]), bounds[0])
 
 
+KEEP_MARGIN = 1e-3  # an earlier iterate replaces a later one only if its objective is lower by this fraction
+
+
+def clearly_better(loss: float, than: float) -> bool:
+    """``loss`` beats ``than`` by more than KEEP_MARGIN (relative): float-level ties keep the later iterate,
+    so which iterate is kept does not hinge on rounding (batched and one-by-one runs keep the same one)."""
+    return math.isfinite(loss) and (not math.isfinite(than) or loss < than - KEEP_MARGIN * abs(than))
+
+
 @dataclass
 class Trial:
-    """One optimisation run: final candidate ``z`` (model-input space), label logits (joint), loss."""
+    """One optimisation run: the kept candidate ``z`` (model-input space: the iterate with the lowest
+    objective), its label logits (joint), objective ``loss`` and gradient distance ``score`` (restarts are
+    chosen by the score alone, as breaching's restarts.scoring)."""
 
     z: torch.Tensor
     label_logits: torch.Tensor | None
     loss: float = math.inf
+    score: float = math.inf
     trace: list[float] = field(default_factory=list)
     iterations: int = 0
     failure: str | None = None
@@ -56,7 +72,9 @@ class Trial:
 def optimize(objective: Objective, z0: torch.Tensor, logits0: torch.Tensor | None, recipe: Recipe,
              bounds: tuple[torch.Tensor, torch.Tensor], desc: str = "attack", monitor: Monitor | None = None,
              monitor_every: int = 10) -> Trial:
-    """Minimise ``objective(z, label_logits)`` from ``z0``; ``bounds`` clip z to valid images.
+    """Minimise ``objective(z, label_logits)`` → (objective, gradient distance) from ``z0``; ``bounds`` clip z
+    to valid images. The iterate with the lowest objective is kept (the optimisers report the objective at
+    the point they step from).
 
     ``monitor`` (benchmarks' time-to-quality) sees a copy of z every ``monitor_every`` iterations
     and can only stop the run.
@@ -64,15 +82,17 @@ def optimize(objective: Objective, z0: torch.Tensor, logits0: torch.Tensor | Non
     z = z0.clone().requires_grad_(True)
     logits = None if logits0 is None else logits0.clone().requires_grad_(True)
     params = [z] + ([logits] if logits is not None else [])
-    opt: torch.optim.Optimizer = (torch.optim.LBFGS(params, lr=recipe.lr) if recipe.optimizer == "lbfgs"
-                                  else torch.optim.Adam(params, lr=recipe.lr))
+    line_search = None if recipe.line_search == "none" else recipe.line_search
+    opt: torch.optim.Optimizer = (torch.optim.LBFGS(params, lr=recipe.lr, line_search_fn=line_search)
+                                  if recipe.optimizer == "lbfgs" else torch.optim.Adam(params, lr=recipe.lr))
     scheduler = step_schedule(opt, recipe)
     trial = Trial(z, logits)
+    best = (math.inf, z.detach().clone(), None if logits is None else logits.detach().clone())
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = objective(z, logits)
-        loss.backward()
+        loss = objective(z, logits)[0]
+        loss.backward(inputs=params)  # only the candidates: never the second-order gradient of the weights
         if recipe.signed:
             for p in params:
                 if p.grad is not None:
@@ -80,11 +100,14 @@ def optimize(objective: Objective, z0: torch.Tensor, logits0: torch.Tensor | Non
         return loss
 
     for i in tqdm(range(recipe.iterations), desc=desc, leave=False, disable=None):
+        start = (z.detach().clone(), None if logits is None else logits.detach().clone())
         loss = float(opt.step(closure).detach())
         trial.iterations = i + 1
         if (failure := divergence(loss, i + 1, bool(torch.isfinite(z).all()))) is not None:
             trial.failure = failure
             break
+        if clearly_better(loss, best[0]):
+            best = (loss, *start)
         if recipe.clip:
             with torch.no_grad():
                 z.copy_(clipped(z, bounds))
@@ -96,8 +119,13 @@ def optimize(objective: Objective, z0: torch.Tensor, logits0: torch.Tensor | Non
         if stalled(trial.trace, recipe.early_stop, recipe.patience):
             break
     if trial.failure is None:
-        trial.loss = float(objective(z, logits).detach())  # the objective differentiates internally
-        if not math.isfinite(trial.loss):
+        final = [float(v.detach()) for v in objective(z, logits)]  # the objective differentiates internally
+        if not clearly_better(best[0], final[0]):
+            best = (final[0], z.detach(), None if logits is None else logits.detach())
+        trial.z, trial.label_logits = best[1], best[2]
+        trial.loss, trial.score = [float(v.detach()) for v in objective(trial.z, trial.label_logits)]
+        if not (math.isfinite(trial.loss) and math.isfinite(trial.score)):
             trial.failure = f"final loss is {trial.loss}"
-    trial.z, trial.label_logits = z.detach(), None if logits is None else logits.detach()
+    else:
+        trial.z, trial.label_logits = z.detach(), None if logits is None else logits.detach()
     return trial

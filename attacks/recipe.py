@@ -26,7 +26,10 @@ class Recipe(BaseModel):
         description="U(0, 1) image, N(0, 1) in the model's input space (GGI), or mid-gray (AFGI)")
     labels: str = Field(description="label strategy (attacks.labels.LABEL_STRATEGIES): idlg, yin, lrb, joint, oracle")
     # regularisers (weights; 0 switches a term off)
-    tv: float = Field(0.0, ge=0, description="total variation: mean |dx| + mean |dy|")
+    tv: float = Field(0.0, ge=0, description="total variation (see tv_space)")
+    tv_space: Literal["image", "input"] = Field(
+        "image", description="image: mean |dx| + mean |dy| of the [0, 1] image (inversefed's form); input: of the "
+                             "model-input tensor with zero-padded edges (breaching's TotalVariation)")
     mean_prior: float = Field(0.0, ge=0, description="AFGI: L2 between per-channel image mean and mean_prior_value")
     mean_prior_value: tuple[float, float, float] = (0.491, 0.467, 0.421)
     edge: float = Field(0.0, ge=0, description="AFGI R_ed / RAF-GI R_canny")
@@ -39,17 +42,25 @@ class Recipe(BaseModel):
     bn_stats: float = Field(0.0, ge=0, description="GradInversion: match BatchNorm running statistics")
     # optimisation
     optimizer: Literal["lbfgs", "adam"]
+    line_search: Literal["none", "strong_wolfe"] = Field(
+        "none", description="L-BFGS step rule: none (a fixed step, as the DLG / iDLG code) or strong Wolfe")
     signed: bool = Field(False, description="step on the sign of the gradient (GGI)")
     lr: float = Field(gt=0)
     iterations: int = Field(ge=1)
+    fine_tune: int = Field(0, ge=0, description="extra iterations when the batch has more than one image (AFGI "
+                           "§V-A: 10K); the step schedule spans the whole budget")
     schedule: Literal["none", "ggi", "afgi"] = Field(
         "none", description="ggi: ×0.1 at 3/8, 5/8, 7/8 of the iterations; afgi: ×0.2 after each 2/7")
     clip: bool = Field(True, description="keep the image in the valid range [0, 1] after each step")
-    restarts: int = Field(1, ge=1, description="independent trials; the lowest final loss wins")
+    restarts: int = Field(1, ge=1, description="independent trials; the lowest gradient distance wins (the priors "
+                          "are not evidence); within a trial the iterate with the lowest objective is kept")
     early_stop: float = Field(0.0, ge=0, description="stop when |Δloss| < ε over `patience` iterations (0: off)")
     patience: int = Field(10, ge=1)
-    compile: bool = Field(False, description="torch.compile the matching step (FedSGD with Adam): a one-time "
-                          "compilation (0.7-12 s LeNet, 81-86 s ResNet-18 on 2 CPU cores, cached on disk; "
+    batched: bool = Field(False, description="solve a round's attacked clients (and restarts) as one vmapped "
+                          "problem (FedSGD with Adam): faster, but equal to one by one only up to float drift that "
+                          "the optimiser amplifies, so off by default (attacks/batched.py)")
+    compile: bool = Field(False, description="torch.compile the functional matching step (FedSGD with Adam): a "
+                          "one-time compilation (0.7-12 s LeNet, 81-86 s ResNet-18 on 2 CPU cores, cached on disk; "
                           "benchmarks/batched_attacks.py), then 1.5-2.3x faster iterations")
     # label recovery parameters
     lrb_gamma: float = Field(0.4, gt=0, description="LRB probability-gap threshold γ")
@@ -65,18 +76,33 @@ class Recipe(BaseModel):
 
 
 PRESETS: dict[str, dict] = {
-    # Zhu et al. 2019: L2 matching, random image and soft labels optimised jointly with L-BFGS.
-    "dlg": dict(loss="l2", init="gaussian", labels="joint", optimizer="lbfgs", lr=1.0, iterations=300, clip=False),
-    # Zhao et al. 2020: DLG with the label read off the last layer's gradient.
-    "idlg": dict(loss="l2", init="uniform", labels="idlg", optimizer="lbfgs", lr=1.0, iterations=300, clip=False),
-    # Geiping et al. 2020 (their framework's defaults): cosine, signed Adam, TV, boxed, step decay.
+    # Zhu et al. 2019: L2 matching, N(0, 1) image and soft labels optimised jointly with L-BFGS (lr 1, unboxed;
+    # breaching's deepleakage). Strong-Wolfe line search: without it L-BFGS's first steps often jump into the
+    # sigmoids' flat region and never leave it (vs_breaching.py: 7 of 24 runs stuck without it, none with it).
+    "dlg": dict(loss="l2", init="gaussian", labels="joint", optimizer="lbfgs", line_search="strong_wolfe", lr=1.0,
+                iterations=300, clip=False),
+    # Zhao et al. 2020: DLG with the label read off the last layer's gradient; N(0, 1) start as their code.
+    "idlg": dict(loss="l2", init="gaussian", labels="idlg", optimizer="lbfgs", line_search="strong_wolfe", lr=1.0,
+                 iterations=300, clip=False),
+    # Geiping et al. 2020 exactly as breaching 0.1.2's attack/invertinggradients.yaml: cosine objective, N(0, 1)
+    # init in the model's input space (_default_optimization_attack: init randn), signed Adam lr 0.1, boxed,
+    # 24 000 iterations, step-lr (×0.1 at n // 2.667, n // 1.6, n // 1.142), TV 0.2 on the model-input tensor,
+    # one trial scored by the gradient distance.
     "ggi": dict(loss="cosine", init="gaussian", labels="idlg", optimizer="adam", signed=True, lr=0.1,
-                iterations=24_000, schedule="ggi", tv=0.1, clip=True, restarts=1),
+                iterations=24_000, schedule="ggi", tv=0.2, tv_space="input", clip=True, restarts=1),
+    # fl-sim's earlier GGI variant: TV 0.1 on the [0, 1] image (about 3-4x weaker at CIFAR normalisation).
+    "ggi-image-tv": dict(loss="cosine", init="gaussian", labels="idlg", optimizer="adam", signed=True, lr=0.1,
+                         iterations=24_000, schedule="ggi", tv=0.1, clip=True, restarts=1),
     # AFGI (and RAF-GI, its earlier name): gray init, LRB labels, TV + channel mean + edge, Adam.
     "afgi": dict(loss="cosine", init="gray", labels="lrb", optimizer="adam", lr=1e-2, iterations=10_000,
-                 schedule="afgi", tv=1e-1, mean_prior=1e-3, edge=1e-2, clip=True, restarts=1),
+                 fine_tune=10_000, schedule="afgi", tv=1e-1, mean_prior=1e-3, edge=1e-2, clip=True, restarts=1),
 }
 PRESETS["raf-gi"] = dict(PRESETS["afgi"])
+
+
+def budgeted(r: Recipe, num_images: int) -> Recipe:
+    """``r`` with its fine-tuning iterations added when the batch has more than one image."""
+    return r if num_images == 1 or not r.fine_tune else r.model_copy(update={"iterations": r.iterations + r.fine_tune})
 
 
 def recipe(preset: str, **overrides: object) -> Recipe:

@@ -1,17 +1,37 @@
-"""Image priors for gradient matching. Each maps images (B, C, H, W) in [0, 1] to a scalar."""
+"""Image priors for gradient matching. Each maps images (B, C, H, W) to a scalar: [0, 1] images, except
+``total_variation_input`` (the model-input tensor, as breaching applies TV)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
+
+from fl_sim.observation import Normalization
 
 Regularizer = Callable[[torch.Tensor], torch.Tensor]
+Prior = tuple[float, Regularizer, Literal["image", "input"]]  # (weight, term, what it reads)
+
+
+def with_priors(priors: Sequence[Prior], z: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """Σ weight · term over the priors: image terms read the [0, 1] image, input terms the model input z."""
+    x = norm.denormalize(z) if any(space == "image" for _, _, space in priors) else z
+    return sum((w * term(z if space == "input" else x) for w, term, space in priors), torch.zeros((), device=z.device))
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """mean |x[..., :, 1:] − x[..., :, :-1]| + mean |x[..., 1:, :] − x[..., :-1, :]| (as inversefed)."""
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+
+
+def total_variation_input(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """breaching's TotalVariation (p = q = 1) on the model-input tensor z: forward differences with a zero pad
+    after the last row / column, mean over (B, C, H, W) of (|dx| + eps) + (|dy| + eps)."""
+    dx = F.pad(z, (0, 1, 0, 0))[..., :, 1:] - z
+    dy = F.pad(z, (0, 0, 0, 1))[..., 1:, :] - z
+    return ((dx.abs() + eps) + (dy.abs() + eps)).mean()
 
 
 def channel_mean_prior(prior: Sequence[float]) -> Regularizer:

