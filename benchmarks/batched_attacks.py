@@ -88,7 +88,8 @@ def timed(fn):
 
 def measure(name: str, setting: Setting, k: int, iterations: int, device: str, compile_too: bool) -> dict:
     model, observations = one_round(setting, k, device)
-    attack = GradientInversion(setting.preset, recipe(setting.preset, iterations=iterations, **setting.overrides))
+    attack = GradientInversion(setting.preset, recipe(setting.preset, iterations=iterations, batched=True,
+                                                      **setting.overrides))
     one_by_one, sequential = timed(lambda: [attack.reconstruct(o, model) for o in observations])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -105,7 +106,7 @@ def measure(name: str, setting: Setting, k: int, iterations: int, device: str, c
            "peak_memory_mb": round(peak_memory_mb(device), 1)}
     if compile_too:
         compiled = GradientInversion(setting.preset, recipe(setting.preset, iterations=iterations, compile=True,
-                                                            **setting.overrides))
+                                                            batched=True, **setting.overrides))
         warm = GradientInversion(setting.preset, compiled.recipe.model_copy(update={"iterations": 2}))
         _, compilation = timed(lambda: warm.reconstruct_many(observations, model))
         result, seconds = timed(lambda: compiled.reconstruct_many(observations, model))

@@ -1,0 +1,104 @@
+"""The breaching side of benchmarks/vs_breaching.py. Runs in an isolated environment with breaching==0.1.2
+(never the product's): it imports only torch and breaching, reads one case file path per stdin line and
+answers one JSON line per case.
+
+A case file (torch.save) holds: attack (deepleakage | idlg | invertinggradients), model (lenet_zhu |
+resnet18), state (the fl-sim model's state_dict, copied in order into breaching's model), x (1, 3, 32, 32)
+in [0, 1], label, mean, std, batchnorm (train | eval), iterations, init_seed (the global seed breaching
+draws its start from: fl-sim's start seed, so both sides start from the same candidate), out (where the
+reconstruction goes).
+Breaching's dataset code is bypassed as its README's custom-data path does: construct_model, an honest server
+with construct_server, UserSingleStep(dataloader=None), compute_local_updates(custom_data=...).
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import breaching  # noqa: E402
+import torch  # noqa: E402
+from breaching.cases.users import UserSingleStep  # noqa: E402
+
+ATTACKS = {  # breaching's attack config and the overrides the issue names
+    "deepleakage": ("deepleakage", []),
+    "idlg": ("deepleakage", ["attack.attack_type=optimization", "attack.label_strategy=iDLG"]),
+    "invertinggradients": ("invertinggradients", []),
+}
+
+
+def config(case: dict):
+    attack, extra = ATTACKS[case["attack"]]
+    overrides = ["case=1_single_image_small", f"case.model={case['model']}", f"attack={attack}",
+                 "case.server.pretrained=False", "case.server.model_state=trained",  # keep the copied weights
+                 f"case.server.provide_public_buffers={case['batchnorm'] == 'eval'}",
+                 "case.user.provide_labels=False", "case.user.num_data_points=1",
+                 f"attack.optim.max_iterations={case['iterations']}", "attack.optim.callback=100000", *extra]
+    return breaching.get_config(overrides=overrides)
+
+
+def copy_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """fl-sim's parameters and buffers into breaching's model, in module order (shapes checked)."""
+    theirs = list(model.state_dict().items())
+    ours = list(state.values())
+    if len(theirs) != len(ours):
+        raise SystemExit(f"state sizes differ: breaching {len(theirs)} tensors, fl-sim {len(ours)}")
+    with torch.no_grad():
+        for (name, t), o in zip(theirs, ours):
+            if t.shape != o.shape:
+                raise SystemExit(f"{name}: breaching {tuple(t.shape)} vs fl-sim {tuple(o.shape)}")
+            t.copy_(o)
+
+
+def run(case: dict) -> dict:
+    cfg = config(case)
+    setup = dict(device=torch.device("cpu"), dtype=torch.float)
+    model, loss_fn = breaching.cases.construct_model(cfg.case.model, cfg.case.data, pretrained=False)
+    copy_state(model, case["state"])
+    server = breaching.cases.construct_server(model, loss_fn, cfg.case, setup)
+    model = server.vet_model(model)
+    user = UserSingleStep(model, loss_fn, dataloader=None, setup=setup, idx=0, cfg_user=cfg.case.user)
+    user.data_key = "inputs"
+    mean = torch.tensor(case["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(case["std"]).view(1, -1, 1, 1)
+    cfg.case.data.mean, cfg.case.data.std = list(case["mean"]), list(case["std"])
+    attacker = breaching.attacks.prepare_attack(server.model, server.loss, cfg.attack, setup)
+    payload = server.distribute_payload()
+    shared, _ = user.compute_local_updates(payload, custom_data=dict(inputs=(case["x"] - mean) / std,
+                                                                     labels=torch.tensor([case["label"]])))
+    torch.manual_seed(case["init_seed"])  # breaching draws its start (randn; then DLG's label logits) from here
+    start = time.perf_counter()
+    rec, stats = attacker.reconstruct([payload], [shared], server.secrets, dryrun=False)
+    seconds = time.perf_counter() - start
+    iterations = len(stats.get("Trial_0_Val", [])) or case["iterations"]
+    images = (rec["data"].detach() * std + mean).clamp(0, 1)
+    torch.save(images, case["out"])
+    labels = rec["labels"]
+    label = int(labels.argmax(-1)[0]) if labels.ndim > 1 else int(labels[0])
+    gradient = [g.detach() for g in shared["gradients"]]
+    return {"seconds": seconds, "iterations": iterations, "label": label,
+            "gradient_norm": float(torch.sqrt(sum(g.pow(2).sum() for g in gradient)))}
+
+
+def main() -> None:
+    logging.disable(logging.INFO)
+    answers, sys.stdout = sys.stdout, sys.stderr  # breaching prints; only answers go to the real stdout
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    for line in sys.stdin:
+        path = line.strip()
+        if not path:
+            continue
+        try:
+            answer = run(torch.load(path, weights_only=False))
+        except Exception as err:  # one failed case is reported, the worker goes on
+            answer = {"error": f"{type(err).__name__}: {err}"}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
+if __name__ == "__main__":
+    main()

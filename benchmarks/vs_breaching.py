@@ -1,0 +1,216 @@
+"""fl-sim's attacks side by side with the field's reference framework, breaching 0.1.2, on the same cases.
+
+Each case is one image at 32 px (cifar10-sample, imagenet-sample and the bundled photos, resized), one
+model (fl-sim builds it, seeded by the case; breaching's model gets the same weights copied in, and the
+harness checks that both observe the same gradient), CIFAR-10 normalisation (breaching's constants),
+batch 1, the same start (breaching's global seed is set so its torch.randn start equals fl-sim's) and the
+same iteration budget. The cases run interleaved: fl-sim and breaching take turns going first. breaching
+runs in its own isolated environment (`uv run --isolated --with breaching==0.1.2 --with hydra-core`,
+benchmarks/breaching_worker.py); it is never a dependency of the product.
+
+    fl-sim dlg  ↔ breaching deepleakage                      (DLG LeNet, joint labels, L-BFGS)
+    fl-sim idlg ↔ breaching deepleakage, attack_type=optimization, label_strategy=iDLG
+    fl-sim ggi  ↔ breaching invertinggradients               (ResNet-18, CIFAR stem; BatchNorm eval or train)
+
+Prints JSON: one row per (attack, case, framework) — image, seed, iterations, seconds per iteration, PSNR, SSIM,
+label right, success (PSNR ≥ 20 dB) — and per attack and framework the median PSNR, the share below 20 dB and
+the median seconds per iteration. Both sides are scored by fl-sim's metrics on the same [0, 1] images.
+
+Usage: uv run python benchmarks/vs_breaching.py [--attacks dlg idlg ggi ggi-train] [--cases 24]
+       [--iterations 200] [--worker-python PATH  (a Python that has breaching==0.1.2, instead of uv)]
+       uv run python benchmarks/vs_breaching.py --summarize saved.json   (the summary of a saved output)
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from attacks import build_attack  # noqa: E402
+from fl_sim.base.streams import ATTACK_START  # noqa: E402
+from fl_sim.data.images import TensorImageSet  # noqa: E402
+from fl_sim.data.sources import load_dataset  # noqa: E402
+from fl_sim.leakage.metrics import psnr, ssim  # noqa: E402
+from fl_sim.leakage.single_client import fedsgd_plan, observe  # noqa: E402
+from fl_sim.models import build_model  # noqa: E402
+from fl_sim.observation import Normalization  # noqa: E402
+from fl_sim.scenario import DataConfig, ModelConfig  # noqa: E402
+
+BREACHING = ["uv", "run", "--isolated", "--no-project", "--with", "breaching==0.1.2", "--with", "hydra-core",
+             "python"]
+# breaching's CIFAR10 data config (case/data/CIFAR10.yaml), used by both sides
+CIFAR10 = Normalization((0.4914672374725342, 0.4822617471218109, 0.4467701315879822),
+                        (0.24703224003314972, 0.24348513782024384, 0.26158785820007324))
+SOURCES = ("cifar10-sample", "imagenet-sample", "photos")
+
+
+@dataclass(frozen=True)
+class Pairing:
+    ours: str  # fl-sim preset
+    theirs: str  # breaching_worker.ATTACKS key
+    model: str  # fl-sim model name
+    breaching_model: str
+    batchnorm: str
+
+
+PAIRINGS = {
+    "dlg": Pairing("dlg", "deepleakage", "lenet", "lenet_zhu", "train"),
+    "idlg": Pairing("idlg", "idlg", "lenet", "lenet_zhu", "train"),
+    "ggi": Pairing("ggi", "invertinggradients", "resnet18", "resnet18", "eval"),
+    "ggi-train": Pairing("ggi", "invertinggradients", "resnet18", "resnet18", "train"),
+}
+
+
+def cases(n: int) -> list[tuple[str, int, torch.Tensor, int]]:
+    """(source, index, uint8 image (3, 32, 32), label mod 10): the sources in turn, first images first."""
+    pools = {s: load_dataset(DataConfig(dataset=s, image_size=32))
+             for s in SOURCES}
+    out = []
+    for k in range(n):
+        source = SOURCES[k % len(SOURCES)]
+        train, i = pools[source].train, k // len(SOURCES)
+        x, y = train.batch([i])
+        out.append((source, i, (x[0] * 255).round().to(torch.uint8), int(y[0]) % 10))
+    return out
+
+
+def score(images: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    return float(psnr(images, truth)[0]), float(ssim(images, truth)[0])
+
+
+def ours(pair: Pairing, pixels: torch.Tensor, label: int, seed: int, iterations: int) -> tuple[dict, dict]:
+    """fl-sim's attack on the case, and the state dict it attacked."""
+    model = build_model(ModelConfig(name=pair.model, stem="cifar"), 10, (3, 32, 32), seed=seed)
+    pool = TensorImageSet(pixels[None], np.array([label]))
+    obs, _ = observe(model, pool, [np.array([0])], fedsgd_plan(batchnorm=pair.batchnorm), CIFAR10, 10)
+    rec = build_attack(pair.ours, {"iterations": iterations, "seed": seed}).reconstruct(obs, model)
+    row = {"seconds_per_iteration": rec.seconds / max(rec.iterations, 1), "iterations": rec.iterations,
+           "label": None if rec.labels is None else int(rec.labels[0]), "failure": rec.failure,
+           "gradient_norm": float(torch.sqrt(sum(obs.update[n].pow(2).sum() for n, _ in model.named_parameters())))}
+    if rec.images.shape[0]:
+        row["psnr"], row["ssim"] = score(rec.images, pool.images([0]))
+    return row, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Breaching:
+    """The isolated breaching worker, one case per request."""
+
+    def __init__(self, python: str | None) -> None:
+        worker = str(Path(__file__).with_name("breaching_worker.py"))
+        command = [python, worker] if python else [*BREACHING, worker]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="vs-breaching-"))
+
+    def __call__(self, pair: Pairing, state: dict, pixels: torch.Tensor, label: int, seed: int,
+                 iterations: int) -> dict:
+        case, out = self.tmp / "case.pt", self.tmp / "rec.pt"
+        x = pixels[None].float() / 255
+        torch.save({"attack": pair.theirs, "model": pair.breaching_model, "state": state, "x": x, "label": label,
+                    "mean": list(CIFAR10.mean), "std": list(CIFAR10.std), "batchnorm": pair.batchnorm,
+                    "iterations": iterations, "out": str(out),
+                    # fl-sim's start for this case (restart 0, round 1, client 0): torch.randn from a generator
+                    # with this seed is the candidate (then DLG's label logits) both sides start from
+                    "init_seed": ATTACK_START.seed(seed, 0, 1, 0)}, case)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{case}\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline())
+        if "error" in answer:
+            return {"failure": answer["error"]}
+        row = {"seconds_per_iteration": answer["seconds"] / max(answer["iterations"], 1),
+               "iterations": answer["iterations"], "label": answer["label"], "failure": None,
+               "gradient_norm": answer["gradient_norm"]}
+        row["psnr"], row["ssim"] = score(torch.load(out), x)
+        return row
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def summary(rows: list[dict]) -> dict:
+    values = [r.get("psnr", 0.0) for r in rows]  # a failed case scores as nothing recovered
+    return {"cases": len(rows), "median_psnr": round(float(np.median(values)), 2),
+            "below_20db": sum(v < 20 for v in values),
+            "median_ssim": round(float(np.median([r.get("ssim", 0.0) for r in rows])), 3),
+            "labels_right": sum(bool(r["label_right"]) for r in rows),
+            "median_seconds_per_iteration": round(float(np.median([r["seconds_per_iteration"] for r in rows
+                                                                   if "seconds_per_iteration" in r] or [0])), 4)}
+
+
+def summarize(out: dict) -> None:
+    """Per attack and framework: the summary, and the median seconds per iteration over the cases both sides
+    recovered (≥ 20 dB) — a stalled L-BFGS returns at once and would make a failing side look fast."""
+    for attack in dict.fromkeys(r["attack"] for r in out["rows"]):
+        rows = {side: {r["seed"]: r for r in out["rows"] if r["attack"] == attack and r["framework"] == side}
+                for side in ("fl-sim", "breaching")}
+        both = [k for k, r in rows["fl-sim"].items() if r["success"] and rows["breaching"].get(k, {}).get("success")]
+        for side, mine in rows.items():
+            entry = summary(list(mine.values()))
+            entry["cases_both_recovered"] = len(both)
+            entry["median_seconds_per_iteration_where_both_recovered"] = (
+                round(float(np.median([mine[k]["seconds_per_iteration"] for k in both])), 4) if both else None)
+            out["summary"].setdefault(attack, {})[side] = entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attacks", nargs="+", choices=list(PAIRINGS), default=list(PAIRINGS))
+    parser.add_argument("--cases", type=int, default=24)
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--worker-python", help="a Python with breaching==0.1.2 installed (default: uv --isolated)")
+    parser.add_argument("--summarize", metavar="JSON", help="recompute the summary of a saved output and print it")
+    args = parser.parse_args()
+    if args.summarize:
+        saved = json.loads(Path(args.summarize).read_text())
+        saved["summary"] = {}
+        summarize(saved)
+        print(json.dumps(saved["summary"], indent=1))
+        return
+    torch.set_num_threads(torch.get_num_threads())
+    theirs = Breaching(args.worker_python)
+    out: dict = {"benchmark": "vs_breaching", "iterations": args.iterations, "threads": torch.get_num_threads(),
+                 "normalisation": "CIFAR-10 (breaching's constants)", "rows": [], "summary": {}}
+    try:
+        for attack in args.attacks:
+            pair = PAIRINGS[attack]
+            for k, (source, index, pixels, label) in enumerate(cases(args.cases)):
+                runs: dict[str, dict] = {}
+                order = ("fl-sim", "breaching") if k % 2 == 0 else ("breaching", "fl-sim")
+                state = None
+                for side in order:
+                    if side == "breaching" and state is None:  # the model's weights come from fl-sim's build
+                        state = build_model(ModelConfig(name=pair.model, stem="cifar"), 10, (3, 32, 32),
+                                            seed=k).state_dict()
+                    if side == "fl-sim":
+                        runs[side], state = ours(pair, pixels, label, k, args.iterations)
+                    else:
+                        runs[side] = theirs(pair, state, pixels, label, k, args.iterations)
+                a, b = runs["fl-sim"].get("gradient_norm"), runs["breaching"].get("gradient_norm")
+                if a is not None and b is not None and abs(a - b) > 1e-4 * max(a, b):
+                    raise SystemExit(f"{attack} case {k}: the two sides observed different gradients ({a} vs {b})")
+                for side, row in runs.items():
+                    row.update(attack=attack, framework=side, image=f"{source}[{index}]", seed=k,
+                               label_right=row.get("label") == label, success=row.get("psnr", 0.0) >= 20)
+                    out["rows"].append(row)
+                    print(json.dumps({key: row.get(key) for key in ("attack", "framework", "image", "psnr",
+                                                                     "seconds_per_iteration")}), file=sys.stderr)
+    finally:
+        theirs.close()
+    summarize(out)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
