@@ -38,11 +38,18 @@ def baseline_point(fc_grad: torch.Tensor, height: int, width: int, beta: float) 
     return pixels[len(pixels) // 2].double()
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] → (B, H, W) grayscale (the single channel if there is one)."""
     if x.shape[1] == 1:
         return x[:, 0]
     w = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x[:, :3] * w).sum(1)
+
+
+def canny(gray: torch.Tensor, low: float, high: float) -> np.ndarray:
+    """OpenCV's Canny edge map (H, W) of one grayscale image (H, W) in [0, 1], on its 8-bit rounding."""
+    u8 = np.clip(np.rint(gray.detach().cpu().numpy() * 255), 0, 255).astype(np.uint8)
+    return cv2.Canny(u8, low, high)
 
 
 class EdgePrior:
@@ -62,14 +69,13 @@ class EdgePrior:
         return self._constants[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gray = _gray(x)  # (B, H, W)
+        gray = luma(x)  # (B, H, W)
         kx, grid, base = self._constants_for(x)
         padded = F.pad(gray[:, None], (1, 1, 1, 1), mode="replicate")
         magnitude = torch.sqrt(F.conv2d(padded, kx) ** 2 + F.conv2d(padded, kx.transpose(2, 3)) ** 2 + 1e-12)[:, 0]
         terms = []
         for b in range(x.shape[0]):
-            u8 = np.clip(np.rint(gray[b].detach().cpu().numpy() * 255), 0, 255).astype(np.uint8)
-            edges = cv2.Canny(u8, self.low, self.high)
+            edges = canny(gray[b], self.low, self.high)
             coords = np.argwhere(edges > 0)  # row-major order
             if len(coords) == 0:
                 terms.append(gray[b].sum() * 0)

@@ -120,10 +120,12 @@ def optimize(objective: Objective, z0: torch.Tensor, logits0: torch.Tensor | Non
             break
     if trial.failure is None:
         final = [float(v.detach()) for v in objective(z, logits)]  # the objective differentiates internally
-        if not clearly_better(best[0], final[0]):
-            best = (final[0], z.detach(), None if logits is None else logits.detach())
-        trial.z, trial.label_logits = best[1], best[2]
-        trial.loss, trial.score = [float(v.detach()) for v in objective(trial.z, trial.label_logits)]
+        if clearly_better(best[0], final[0]):  # an earlier iterate: its gradient distance is still needed
+            trial.z, trial.label_logits = best[1], best[2]
+            final = [float(v.detach()) for v in objective(trial.z, trial.label_logits)]
+        else:
+            trial.z, trial.label_logits = z.detach(), None if logits is None else logits.detach()
+        trial.loss, trial.score = final
         if not (math.isfinite(trial.loss) and math.isfinite(trial.score)):
             trial.failure = f"final loss is {trial.loss}"
     else:

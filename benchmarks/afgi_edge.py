@@ -21,11 +21,10 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from attacks.edges import LUMA, EdgePrior, baseline_point  # noqa: E402
+from attacks.edges import EdgePrior, baseline_point, canny, luma  # noqa: E402
 from attacks.gradient_inversion import GradientInversion  # noqa: E402
 from attacks.matching import GradientDistance  # noqa: E402
 from attacks.recipe import recipe  # noqa: E402
@@ -45,11 +44,8 @@ def first_edges(r) -> tuple[list[int], Callable[[int, torch.Tensor], bool]]:
     seen: list[int] = []
 
     def monitor(iteration: int, images: torch.Tensor) -> bool:
-        if not seen:
-            gray = (images[0] * torch.tensor(LUMA).view(3, 1, 1)).sum(0).numpy()
-            u8 = np.clip(np.rint(gray * 255), 0, 255).astype(np.uint8)
-            if cv2.Canny(u8, r.edge_theta1 * 255, r.edge_theta2 * 255).any():
-                seen.append(iteration)
+        if not seen and canny(luma(images)[0], r.edge_theta1 * 255, r.edge_theta2 * 255).any():
+            seen.append(iteration)
         return False
 
     return seen, monitor
