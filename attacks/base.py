@@ -19,6 +19,15 @@ import torch
 from torch import nn
 
 from fl_sim.observation import Normalization, Observation
+from fl_sim.observation.capabilities import Capability
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What of the scenario decides which capabilities an attack reads."""
+
+    protocol: str  # "fedsgd" | "fedavg"
+    shares_features: bool  # clients send their batch's pruned penultimate features
 
 
 class Target(StrEnum):
@@ -73,6 +82,10 @@ class ObservationAttack(ABC):
         """Every observation of one round (one by one unless the attack batches clients)."""
         return [self.reconstruct(obs, model) for obs in observations]
 
+    @abstractmethod
+    def capabilities(self, setting: Setting) -> frozenset[Capability]:
+        """What of the server's knowledge this attack reads (fl_sim.observation.capabilities)."""
+
     @property
     def needs_oracle_labels(self) -> bool:
         """Whether it is an ablation that is handed the true labels (its rows are flagged)."""
@@ -92,6 +105,10 @@ class ModelAttack(ABC):
     @abstractmethod
     def invert(self, model: nn.Module, norm: Normalization, num_classes: int,
                shape: tuple[int, int, int]) -> Inversion: ...
+
+    def capabilities(self, setting: Setting) -> frozenset[Capability]:
+        """The global model only."""
+        return frozenset({Capability.GLOBAL_MODEL})
 
 
 Attack = ObservationAttack | ModelAttack

@@ -18,12 +18,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from attacks.base import ObservationAttack, Reconstruction
+from attacks.base import ObservationAttack, Reconstruction, Setting
 from attacks.optimize import divergence, stalled
 from attacks.regularizers import sixth_power, squared_variation
 from fl_sim.base.cpu import tuned_for
 from fl_sim.base.streams import ATTACK_START
 from fl_sim.observation import Observation
+from fl_sim.observation.capabilities import Capability
 from fl_sim.observation.features import SharedFeatures, last_linear, penultimate, prune
 
 
@@ -80,6 +81,11 @@ def feature_distance(h: torch.Tensor, target: torch.Tensor, kind: str) -> torch.
 class FeatureInversion(ObservationAttack):
     def __init__(self, name: str, recipe: FeatureRecipe) -> None:
         self.name, self.recipe = name, recipe
+
+    def capabilities(self, setting: Setting) -> frozenset[Capability]:
+        """The shared features, or (none shared) the FedSGD gradient they follow from; the global model."""
+        source = Capability.SHARED_FEATURES if setting.shares_features else Capability.UPDATE
+        return frozenset({source, Capability.GLOBAL_MODEL})
 
     def features(self, obs: Observation, model: nn.Module) -> SharedFeatures:
         """The features to invert: the shared ones, or those that follow in closed form from the gradient."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import ObservationAttack, Reconstruction
+from attacks.base import ObservationAttack, Reconstruction, Setting
 from attacks.batched import BatchedMatching, Problem, unbatchable
 from attacks.edges import EdgePrior, baseline_point
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelRecoveryError, LabelSignal, last_linear
@@ -35,6 +35,7 @@ from attacks.simulate import ClientSimulator, UnsupportedObservation
 from fl_sim.base.cpu import tuned_for
 from fl_sim.base.streams import ATTACK_START
 from fl_sim.observation import Observation
+from fl_sim.observation.capabilities import Capability
 
 
 class GradientInversion(ObservationAttack):
@@ -54,6 +55,16 @@ class GradientInversion(ObservationAttack):
     @property
     def needs_oracle_labels(self) -> bool:
         return LABEL_STRATEGIES.get(self.recipe.labels).source == "oracle"
+
+    def capabilities(self, setting: Setting) -> frozenset[Capability]:
+        """The update replayed on the global model with the protocol's batch size and steps (FedAvg: also the
+        reported number of examples, which bounds how many images to reconstruct), plus what the recipe adds."""
+        needs = {Capability.UPDATE, Capability.GLOBAL_MODEL, Capability.PROTOCOL}
+        if setting.protocol == "fedavg":
+            needs.add(Capability.NUM_EXAMPLES)
+        if self.needs_oracle_labels:
+            needs.add(Capability.ORACLE_LABELS)
+        return frozenset(needs)
 
     def incompatibility(self, model: nn.Module, protocol: str, optimizer: str) -> str | None:
         requires = LABEL_STRATEGIES.get(self.recipe.labels).requires

@@ -248,7 +248,7 @@ def attack(run_dir: Path, attack_name: str, overrides: tuple[str, ...], verbose:
         raise UserInputError(one_line(err, prefix="--set ")) from None
     except ValueError as err:  # unknown attack name
         raise UserInputError(f"--attack: {err}") from None
-    why = scenario.incompatibility(built)
+    why = scenario.refusal(built)
     if why:
         raise UserInputError(f"--attack {attack_name}: {why}")
     fed = prepare(scenario)

@@ -114,8 +114,9 @@ def test_offline_attack_appends_rows_to_a_finished_run(tmp_path, cli):
 
 
 def test_oracle_labels_come_from_the_simulation_and_are_flagged(tmp_path):
-    store = run(tmp_path, tiny(federation={"rounds": 1}, attacks=[{"name": "ggi", "labels": "oracle",
-                                                                   "iterations": 2}]))
+    knows = ["update", "global_model", "protocol", "oracle_labels"]
+    store = run(tmp_path, tiny(federation={"rounds": 1}, threat_model={"knows": knows},
+                               attacks=[{"name": "ggi", "labels": "oracle", "iterations": 2}]))
     rows = rows_of(store)
     assert rows and {r["label_strategy"] for r in rows} == {"oracle"}
 

@@ -27,6 +27,9 @@ from tests.conftest import tiny
 class Diverges(ObservationAttack):
     """An attack that blows up, as a diverging optimisation would."""
 
+    def capabilities(self, setting):
+        return frozenset()
+
     def reconstruct(self, obs, model, oracle_labels=None):
         raise FloatingPointError("loss became NaN at iteration 3")
 
@@ -120,6 +123,15 @@ def test_headline_equals_a_query_over_results_csv(runs):
     np.testing.assert_allclose(mine["mean"], psnr.mean().loc[mine.index])
     np.testing.assert_allclose(mine["min"], psnr.min().loc[mine.index])
     np.testing.assert_allclose(mine["std"], psnr.std().loc[mine.index])
+
+
+def test_report_lists_each_attacks_capabilities_and_marks_upper_bound_rounds(runs):
+    md = (runs["many"] / "report.md").read_text()
+    assert "Threat model: what each attack assumes" in md
+    threat = [line for line in md.splitlines() if line.startswith("| idlg ") and "global_model" in line]
+    assert threat and "global_model, protocol, update" in threat[0] and "untrained model (round 1)" in threat[0]
+    by_round = re.findall(r"^\| (\d)\s+\| idlg\s+\|(?:[^|]*\|){2}([^|]*)\|", md, flags=re.M)
+    assert dict((r, why.strip()) for r, why in by_round) == {"1": "untrained model", "2": "", "3": ""}
 
 
 def test_failed_attack_is_shown_and_counted_not_scored(runs):

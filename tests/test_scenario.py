@@ -38,6 +38,12 @@ BAD_SCENARIOS = [
     ("too many clients", tiny(federation={"num_clients": 200, "clients_per_round": 2}, data={"max_samples": 100}), [],
      ["federation.num_clients", "allowed: 1..50"]),
     ("cuda absent", tiny() | {"device": "cuda"}, [], ["device", "no CUDA device"]),
+    ("oracle labels not granted", tiny() | {"attacks": [{"name": "ggi", "labels": "oracle"}]}, [],
+     ["attacks.0", "needs capability 'oracle_labels'", "threat_model.knows", "granted: bn_buffers, global_model"]),
+    ("protocol not granted", tiny(threat_model={"knows": ["update", "global_model"]}) | {"attacks": [{"name": "dlg"}]},
+     [], ["attacks.0", "needs capability 'protocol'", "granted: global_model, update"]),
+    ("unknown capability", tiny(threat_model={"knows": ["update", "oracle_label"]}), [],
+     ["threat_model.knows", "unknown capability 'oracle_label'", "did you mean 'oracle_labels'", "surrogate_data"]),
 ]
 
 

@@ -24,6 +24,7 @@ from fl_sim.report.render import render_html, render_markdown
 from fl_sim.report.runs import RunData, load_run
 from fl_sim.report.summary import scenario_facts, timing_facts
 from fl_sim.report.tables import DEFAULT_RULE, DEFAULT_RULE_WHY, RecoveryRule, fmt, label
+from fl_sim.scenario import Assumptions, ComponentSpec, assumptions
 from fl_sim.store import ReportFiles, RunLayout
 
 log = logging.getLogger("fl_sim")
@@ -62,6 +63,7 @@ def build_report(run_dirs: list[Path], out: Path | None = None, rule: RecoveryRu
     rank = tables.rank_score(recs, rule)
     cases = tables.cases(recs, rank) if rank else pd.DataFrame()
     multi = len(runs) > 1
+    assumed = {r.name: _assumptions(r, recs[recs["run"] == r.name]) for r in runs}
 
     figure = Picture(f"{FILES}/leakage-over-rounds.png",
                      leakage_over_rounds(stats, {r.name: r.metrics for r in runs}, colors, unavailable),
@@ -77,7 +79,8 @@ def build_report(run_dirs: list[Path], out: Path | None = None, rule: RecoveryRu
         "provenance": {label(s): what for s, what in tables.provenance(results).items()},
         "headline": _headline_table(recs, cases, rule, rank, multi),
         "cases": _cases_table(cases, unavailable, multi),
-        "by_round": _by_round_table(stats, unavailable, multi),
+        "by_round": _by_round_table(stats, unavailable, assumed, multi),
+        "threat": _threat_table(assumed, multi),
         "utility": _utility_table(runs, multi),
         "privacy": _privacy_table(runs, multi), "privacy_worst": _privacy_worst(runs), "adversary": ADVERSARY,
         "has_attacks": not recs.empty,
@@ -189,14 +192,37 @@ def _cases_table(cases: pd.DataFrame, unavailable: dict[str, str], multi: bool) 
     return _drop_run(frame, multi)
 
 
-def _by_round_table(stats: pd.DataFrame, unavailable: dict[str, str], multi: bool) -> pd.DataFrame:
+def _assumptions(run: RunData, recs: pd.DataFrame) -> dict[str, Assumptions]:
+    """attack → its assumptions in this run: the scenario's attacks, and those appended later (``fl-sim attack``,
+    taken with their preset's values)."""
+    specs = list(run.scenario.attacks)
+    specs += [ComponentSpec(name=a) for a in sorted(set(recs["attack"]) - {s.name for s in specs})]
+    return {a.attack: a for a in assumptions(run.scenario, specs)}
+
+
+def _threat_table(assumed: dict[str, dict[str, Assumptions]], multi: bool) -> pd.DataFrame:
+    """Per run and attack: the capabilities it read and the settings that make its figures an upper bound."""
+    rows = []
+    for run, by_attack in assumed.items():
+        for a in by_attack.values():
+            bounds = [why if rounds is None else f"{why} (round{'s' if len(rounds) > 1 else ''} "
+                      f"{', '.join(map(str, rounds))})" for why, rounds in a.upper_bound.items()]
+            rows.append({"run": run, "attack": a.attack, "capabilities used": ", ".join(a.capabilities),
+                         "upper-bound settings": "; ".join(bounds) or "none (realistic)"})
+    return _drop_run(pd.DataFrame(rows), multi)
+
+
+def _by_round_table(stats: pd.DataFrame, unavailable: dict[str, str], assumed: dict[str, dict[str, Assumptions]],
+                    multi: bool) -> pd.DataFrame:
     if stats.empty:
         return pd.DataFrame()
     rows = []
     for (run, attack, rnd), group in stats.groupby(["run", "attack", "round"]):
         first = group.iloc[0]
+        mine = assumed.get(run, {}).get(attack)
         row = {"run": run, "round": rnd, "attack": attack, "clients": int(first["n"] + first["failed"]),
-               "failed": int(first["failed"])}
+               "failed": int(first["failed"]),
+               "upper bound": "; ".join(mine.reasons(int(rnd))) if mine is not None else ""}
         by_score = group.set_index("score")
         for score in SCORES:
             if score in by_score.index:

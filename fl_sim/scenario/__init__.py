@@ -22,7 +22,9 @@ from fl_sim.scenario.schema import (
     expand_grid,
     one_line,
 )
+from fl_sim.scenario.threat import Assumptions, assumptions
 
-__all__ = ["CompareConfig", "ComponentSpec", "DataConfig", "FeaturesConfig", "FederationConfig", "ModelConfig",
-           "OutputConfig", "Scenario", "ThreatModelConfig", "TrainingConfig", "apply_override", "check_keys",
-           "expand_grid", "load_scenario", "one_line", "parse_value", "scenario_from_dict", "scenario_from_toml"]
+__all__ = ["Assumptions", "CompareConfig", "ComponentSpec", "DataConfig", "FeaturesConfig", "FederationConfig",
+           "ModelConfig", "OutputConfig", "Scenario", "ThreatModelConfig", "TrainingConfig", "apply_override",
+           "assumptions", "check_keys", "expand_grid", "load_scenario", "one_line", "parse_value", "scenario_from_dict",
+           "scenario_from_toml"]

@@ -30,9 +30,10 @@ def _registry(kind: str) -> Registry[Any]:
     from fl_sim.engines import ENGINES
     from fl_sim.leakage.metrics import METRICS
     from fl_sim.models import MODELS
+    from fl_sim.observation.capabilities import CAPABILITIES
 
-    return {"attack": ATTACKS, "defense": DEFENSES, "partition": PARTITIONS, "dataset": DATASETS,
-            "engine": ENGINES, "metric": METRICS, "model": MODELS}[kind]
+    return {"attack": ATTACKS, "capability": CAPABILITIES, "defense": DEFENSES, "partition": PARTITIONS,
+            "dataset": DATASETS, "engine": ENGINES, "metric": METRICS, "model": MODELS}[kind]
 
 
 def registered(kind: str) -> AfterValidator:
@@ -131,6 +132,17 @@ class ThreatModelConfig(Section):
         "attacked", description="which clients' observations the run folder keeps: the attacked ones, or all")
     rounds: list[int] | Literal["all"] = "all"
     clients: list[int] | Literal["all"] = "all"
+    knows: list[str] | None = Field(
+        None, description="capabilities the server has (fl_sim.observation.capabilities); default: what a Flower "
+                          "server receives — update, global_model, protocol, num_examples, bn_buffers, and "
+                          "shared_features when clients share them")
+
+    @field_validator("knows")
+    @classmethod
+    def _capabilities(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            _known_name(_registry("capability"), name)
+        return v
 
 
 class ComponentSpec(BaseModel):
@@ -210,10 +222,25 @@ class Scenario(Section):
                 attack = build_attack(spec.name, spec.params)
             except ValidationError as err:
                 raise ValueError(one_line(err, prefix=f"attacks.{i}.")) from None
-            why = self.incompatibility(attack)
+            why = self.refusal(attack)
             if why:
                 raise ValueError(f"scenario key 'attacks.{i}' ({spec.name}): {why}")
         return self
+
+    @property
+    def setting(self) -> Any:
+        """What of the scenario decides an attack's capabilities (attacks.base.Setting)."""
+        from attacks.base import Setting
+
+        return Setting(self.training.protocol, self.features.share)
+
+    @property
+    def granted(self) -> frozenset[Any]:
+        """The capabilities the server has: ``threat_model.knows``, or what a Flower server receives."""
+        from fl_sim.observation.capabilities import Capability, flower_server
+
+        knows = self.threat_model.knows
+        return flower_server(self.features.share) if knows is None else frozenset(map(Capability, knows))
 
     @model_validator(mode="after")
     def _defense_params(self) -> Scenario:
@@ -232,20 +259,27 @@ class Scenario(Section):
                 _check_defense(setting, f"compare.defenses.{i}", self.training.protocol)
         return self
 
-    def incompatibility(self, attack: Any) -> str | None:
-        """What in this scenario ``attack`` cannot work with (it is asked about the model's structure)."""
+    def refusal(self, attack: Any) -> str | None:
+        """Why ``attack`` cannot run in this scenario: a capability the threat model does not grant, or what it
+        cannot work with (it is asked about the model's structure); None if it can."""
         from attacks import ObservationAttack
         from fl_sim.models import structure
 
+        missing = sorted(attack.capabilities(self.setting) - self.granted)
+        if missing:
+            return (f"needs capability '{missing[0]}', which threat_model.knows does not grant; "
+                    f"granted: {', '.join(sorted(self.granted))}")
         if not isinstance(attack, ObservationAttack):
             return None
         return attack.incompatibility(structure(self.model.name), self.training.protocol, self.training.optimizer)
 
+    def attacked_round(self, server_round: int) -> bool:
+        return self.threat_model.rounds == "all" or server_round in self.threat_model.rounds
+
     def attacked(self, server_round: int, client: int) -> bool:
         """Client -1 is a secure aggregate of the whole round: attacked in every attacked round."""
         tm = self.threat_model
-        return (tm.rounds == "all" or server_round in tm.rounds) and (tm.clients == "all" or client in tm.clients
-                                                                         or client == -1)
+        return self.attacked_round(server_round) and (tm.clients == "all" or client in tm.clients or client == -1)
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The resolved scenario as plain data (None values dropped: TOML has no null)."""
