@@ -59,8 +59,8 @@ def unbatchable(recipe: Recipe, observations: list[Observation], model: nn.Modul
         return "L-BFGS couples the problems it optimises together"
     if any(o.kind != "gradient" for o in observations):
         return "unrolled FedAvg updates are replayed one by one"
-    if recipe.edge or recipe.bn_stats:
-        return "the edge (OpenCV) and BatchNorm-statistics priors run one by one"
+    if recipe.edge or recipe.bn_stats or recipe.bn_forward != "batch":
+        return "the edge (OpenCV) and BatchNorm-statistics priors and the client BatchNorm statistics run one by one"
     if len({o.meta.batch_size for o in observations}) > 1 or len({o.server_round for o in observations}) > 1:
         return "the problems differ in batch size or global model"
     return None

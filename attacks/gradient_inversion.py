@@ -16,11 +16,12 @@ from torch import nn
 
 from attacks.base import ObservationAttack, Reconstruction, Setting
 from attacks.batched import BatchedMatching, Problem, unbatchable
+from attacks.bn_buffers import BuffersUnavailable, ClientStatistics, client_statistics
 from attacks.edges import EdgePrior, baseline_point
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelRecoveryError, LabelSignal, last_linear
 from attacks.matching import GradientDistance
 from attacks.optimize import Monitor, Trial, optimize
-from attacks.recipe import Recipe, budgeted
+from attacks.recipe import Recipe, budgeted, uses_bn_buffers
 from attacks.regularizers import (
     Prior,
     batch_orthogonality,
@@ -64,6 +65,8 @@ class GradientInversion(ObservationAttack):
             needs.add(Capability.NUM_EXAMPLES)
         if self.needs_oracle_labels:
             needs.add(Capability.ORACLE_LABELS)
+        if uses_bn_buffers(self.recipe):
+            needs.add(Capability.BN_BUFFERS)
         return frozenset(needs)
 
     def incompatibility(self, model: nn.Module, protocol: str, optimizer: str) -> str | None:
@@ -89,9 +92,11 @@ class GradientInversion(ObservationAttack):
         start, r = time.perf_counter(), self.recipe
         device = next(model.parameters()).device
         try:
-            sim = ClientSimulator(model, obs, device, track_bn=r.bn_stats > 0)
+            client = self._client_statistics(model, obs)
+            sim = ClientSimulator(model, obs, device, track_bn=r.bn_stats > 0,
+                                  client_stats=client if r.bn_forward == "client" else None)
             labels = self._labels(sim, obs, oracle_labels)
-        except (UnsupportedObservation, LabelRecoveryError) as err:
+        except (UnsupportedObservation, LabelRecoveryError, BuffersUnavailable) as err:
             empty = torch.zeros(0, *obs.image_shape)
             return Reconstruction(empty, None, r.labels, failure=str(err), seconds=time.perf_counter() - start)
         r = budgeted(r, sim.num_images)
@@ -106,7 +111,7 @@ class GradientInversion(ObservationAttack):
             matched = distance(sim(z, y))
             loss = matched + with_priors(priors, z, norm)
             if r.bn_stats:
-                loss = loss + r.bn_stats * sim.bn_statistics_loss()
+                loss = loss + r.bn_stats * sim.bn_statistics_loss(client if r.bn_target == "client" else None)
             return loss, matched
 
         trials: list[Trial] = []
@@ -177,6 +182,17 @@ class GradientInversion(ObservationAttack):
             mine = [t for t, owner in zip(trials, owners, strict=True) if owner == i]
             out.append(self._result(mine, problems[owners.index(i)].labels, obs, seconds))
         return out
+
+    def _client_statistics(self, model: nn.Module, obs: Observation) -> list[ClientStatistics] | None:
+        """The client's BatchNorm statistics from its buffers, when the recipe uses them (else None)."""
+        if not uses_bn_buffers(self.recipe):
+            return None
+        steps = 1 if obs.kind == "gradient" else obs.meta.local_steps
+        if self.recipe.bn_forward == "client" and steps != 1:
+            raise BuffersUnavailable(f"bn_forward = 'client' needs one local step (the buffers then hold the batch's "
+                                     f"statistics); the client took {steps}: use bn_forward = 'batch' with "
+                                     "bn_target = 'client'")
+        return client_statistics(model, obs, steps)
 
     def _labels(self, sim: ClientSimulator, obs: Observation, oracle: torch.Tensor | None) -> torch.Tensor | None:
         r = self.recipe

@@ -39,7 +39,13 @@ class Recipe(BaseModel):
     sixth_power: float = Field(0.0, ge=0)
     l2: float = Field(0.0, ge=0)
     orthogonality: float = Field(0.0, ge=0, description="mean squared cosine similarity between images of a batch")
-    bn_stats: float = Field(0.0, ge=0, description="GradInversion: match BatchNorm running statistics")
+    bn_stats: float = Field(0.0, ge=0, description="BatchNorm-statistics prior (GradInversion), against bn_target")
+    bn_target: Literal["global", "client"] = Field(
+        "global", description="what bn_stats matches: the global model's running statistics (GradInversion), or the "
+                              "client's batch statistics recovered from the BatchNorm buffers it returns")
+    bn_forward: Literal["batch", "client"] = Field(
+        "batch", description="train-mode BatchNorm in the replayed forward: the candidates' own batch statistics, or "
+                             "the client's, recovered from its BatchNorm buffers (one local step; attacks.bn_buffers)")
     # optimisation
     optimizer: Literal["lbfgs", "adam"]
     line_search: Literal["none", "strong_wolfe"] = Field(
@@ -98,6 +104,16 @@ PRESETS: dict[str, dict] = {
                  fine_tune=10_000, schedule="afgi", tv=1e-1, mean_prior=1e-3, edge=1e-2, clip=True, restarts=1),
 }
 PRESETS["raf-gi"] = dict(PRESETS["afgi"])
+# GGI with what a train-mode client's reply also carries: its BatchNorm buffers. A GradInversion-style prior pulls the
+# candidates' batch statistics to the client's (recovered from the buffers). Normalising the replayed forward with the
+# client's statistics (bn_forward = "client") is exact too, but from a random start it lands lower
+# (benchmarks/bn_buffers.py), so the preset keeps the candidates' own statistics in the forward.
+PRESETS["ggi-bn"] = PRESETS["ggi"] | dict(bn_stats=1e-2, bn_target="client")
+
+
+def uses_bn_buffers(r: Recipe) -> bool:
+    """Whether the recipe reads the BatchNorm buffers the client returns."""
+    return r.bn_forward == "client" or (r.bn_stats > 0 and r.bn_target == "client")
 
 
 def budgeted(r: Recipe, num_images: int) -> Recipe:

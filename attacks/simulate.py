@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from attacks.bn_buffers import ClientStatistics, ClientStatsBatchNorm, batch_statistics, unbiased, use_client_statistics
 from fl_sim.observation import Observation
 
 
@@ -31,7 +32,10 @@ class ClientSimulator:
     labels (N,) or class probabilities (N, num_classes).
     """
 
-    def __init__(self, model: nn.Module, obs: Observation, device: torch.device, track_bn: bool = False) -> None:
+    def __init__(self, model: nn.Module, obs: Observation, device: torch.device, track_bn: bool = False,
+                 client_stats: list[ClientStatistics] | None = None) -> None:
+        """``track_bn``: record the candidates' BatchNorm statistics on every forward (for a statistics prior);
+        ``client_stats``: train-mode BatchNorm normalises with the client's statistics (attacks.bn_buffers)."""
         meta = obs.meta
         if obs.kind == "weights" and meta.optimizer != "sgd":
             raise UnsupportedObservation(f"FedAvg local training with '{meta.optimizer}' cannot be unrolled; "
@@ -44,6 +48,8 @@ class ClientSimulator:
                 m.momentum = 0.0  # batch statistics as the client used them; running stats left untouched
                 if meta.batchnorm == "eval":
                     m.eval()
+        if client_stats is not None:
+            use_client_statistics(self.model, client_stats)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.names = [n for n, _ in self.model.named_parameters()]
@@ -61,34 +67,48 @@ class ClientSimulator:
             self.target = [self.params0[n] - update[n] for n in self.names]
             self.num_images = min(meta.local_steps * meta.batch_size, meta.num_examples)
             self.steps = meta.local_steps
-        self._bn_stats: list[torch.Tensor] = []
-        self._capture = False
-        if track_bn:  # only when the BN-statistics prior is used: it costs a mean/var per layer per forward
+        # per forward of the last call, per BatchNorm layer in order: (candidates' mean, biased variance, input)
+        self._bn_seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._bn_running = [(m.running_mean, m.running_var) for m in self.model.modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm | ClientStatsBatchNorm)]
+        if track_bn:  # only when a BN-statistics prior is used: it costs a mean/var per layer per forward
             for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm | ClientStatsBatchNorm):
                     m.register_forward_pre_hook(self._record_bn)
 
     def _record_bn(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        if self._capture:
-            x = inputs[0]
-            dims = [0] + list(range(2, x.ndim))
-            mean, var = x.mean(dims), x.var(dims, unbiased=False)
-            self._bn_stats.append((mean - module.running_mean).norm() + (var - module.running_var).norm())
+        self._bn_seen.append((*batch_statistics(inputs[0]), inputs[0]))
 
-    def bn_statistics_loss(self) -> torch.Tensor:
-        """GradInversion's BN prior on the first forward pass of the last call (0 without BatchNorm)."""
-        return torch.stack(self._bn_stats).sum() if self._bn_stats else torch.zeros((), device=self.device)
+    def bn_statistics_loss(self, client: list[ClientStatistics] | None = None) -> torch.Tensor:
+        """The BatchNorm-statistics prior on the last call, Σ_layers ‖μ − μ*‖₂ + ‖σ² − σ²*‖₂ (0 without BatchNorm).
+
+        ``client`` None: GradInversion's — the first forward's batch statistics against the global model's running
+        statistics. Otherwise against the client's statistics from its buffers: the candidates' statistics mixed
+        over the replayed steps with the client's step weights (exactly the batch statistics after one step)."""
+        if not self._bn_seen:
+            return torch.zeros((), device=self.device)
+        layers = len(self._bn_running)
+        if client is None:
+            return sum((mean - rm).norm() + (var - rv).norm()
+                       for (mean, var, _), (rm, rv) in zip(self._bn_seen[:layers], self._bn_running, strict=True))
+        total = torch.zeros((), device=self.device)
+        for i, target in enumerate(client):
+            seen = self._bn_seen[i::layers]
+            w = target.weights.to(self.device)
+            mean = sum(wt * m for wt, (m, _, _) in zip(w, seen, strict=True))
+            var = sum(wt * unbiased(v, x) for wt, (_, v, x) in zip(w, seen, strict=True))
+            total = total + (mean - target.mean.to(self.device)).norm() + (var - target.var.to(self.device)).norm()
+        return total
 
     def _loss(self, theta: dict[str, torch.Tensor], z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = functional_call(self.model, (theta, self.buffers), (z,))
         return F.cross_entropy(logits, y)
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        self._bn_stats, self._capture = [], True
+        self._bn_seen = []
         theta = self.theta
         if self.kind == "gradient":
             loss = self._loss(theta, z, y)
-            self._capture = False
             return list(torch.autograd.grad(loss, list(theta.values()), create_graph=True))
         b, n = self.meta.batch_size, z.shape[0]
         velocity: list[torch.Tensor] | None = None
@@ -96,7 +116,6 @@ class ClientSimulator:
         for t in range(self.steps):
             idx = torch.arange(t * b, t * b + b, device=z.device) % n
             loss = self._loss(dict(zip(self.names, current, strict=True)), z[idx], y[idx])
-            self._capture = False
             grads = torch.autograd.grad(loss, current, create_graph=True)
             if self.meta.weight_decay:
                 grads = tuple(g + self.meta.weight_decay * p for g, p in zip(grads, current, strict=True))

@@ -42,6 +42,9 @@ BAD_SCENARIOS = [
      ["attacks.0", "needs capability 'oracle_labels'", "threat_model.knows", "granted: bn_buffers, global_model"]),
     ("protocol not granted", tiny(threat_model={"knows": ["update", "global_model"]}) | {"attacks": [{"name": "dlg"}]},
      [], ["attacks.0", "needs capability 'protocol'", "granted: global_model, update"]),
+    ("bn buffers not granted", tiny(model={"name": "convnet"}, threat_model={"knows": [
+        "update", "global_model", "protocol"]}) | {"attacks": [{"name": "ggi-bn"}]}, [],
+     ["attacks.0", "needs capability 'bn_buffers'"]),
     ("unknown capability", tiny(threat_model={"knows": ["update", "oracle_label"]}), [],
      ["threat_model.knows", "unknown capability 'oracle_label'", "did you mean 'oracle_labels'", "surrogate_data"]),
 ]
