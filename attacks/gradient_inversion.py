@@ -204,8 +204,10 @@ class GradientInversion(ObservationAttack):
                 raise LabelRecoveryError("labels = 'oracle' needs the true labels from the simulation (ablation only)")
             return oracle.to(sim.device)
         fc_name, _ = last_linear(sim.model)
-        signal = LabelSignal(sim.label_signal_grad(fc_name), sim.num_images, sim.model)
-        return strategy(signal, LabelParams(r.lrb_gamma, r.lrb_scale)).to(sim.device)
+        signal = LabelSignal(sim.label_signal_grad(fc_name), sim.num_images, sim.model, sim.label_signal_bias(fc_name),
+                             sim.steps, obs.meta.batch_size, obs.image_shape,
+                             obs.update if obs.kind == "weights" else None)
+        return strategy(signal, LabelParams(r.lrb_gamma, r.lrb_scale, seed=r.seed)).to(sim.device)
 
     def _priors(self, sim: ClientSimulator, obs: Observation) -> list[Prior]:
         r = self.recipe

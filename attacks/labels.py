@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,17 +28,30 @@ class LabelRecoveryError(ValueError):
 @dataclass(frozen=True)
 class LabelSignal:
     """What label recovery reads: ``fc_grad`` (num_classes, h) — the last FC weight gradient, or for
-    FedAvg the weight change θ₀ − θ_T (same sign pattern) — the batch size K, and the model."""
+    FedAvg the weight change θ₀ − θ_T (same sign pattern) — the number of labels K to return, and the model
+    (the client's replayed forward: its BatchNorm mode).
+
+    ``bias_grads`` (num_classes,): the last FC bias gradient summed over the client's ``steps`` local steps of
+    ``step_batch`` examples (FedSGD: the gradient; FedAvg with plain SGD: (b₀ − b_T) / lr), or None when unknown;
+    ``image_shape`` (C, H, W): the model's input; ``end_state``: FedAvg's returned state (the end of the path the
+    client's weights took)."""
 
     fc_grad: torch.Tensor
     batch_size: int
     model: nn.Module
+    bias_grads: torch.Tensor | None = None
+    steps: int = 1
+    step_batch: int = 0
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) the model takes
+    end_state: dict[str, torch.Tensor] | None = None  # FedAvg: the client's state after its local steps
 
 
 @dataclass(frozen=True)
 class LabelParams:
     gamma: float = 0.4  # LRB probability-gap threshold
     scale: float = 1e7  # LRB input scale Con
+    probes: int = 8  # bias-count: random batches through the model to estimate its mean softmax output
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,3 +158,72 @@ def lrb(signal: LabelSignal, params: LabelParams) -> torch.Tensor:
         duplicates.append(found[m % len(found)])
         m += 1
     return torch.tensor(sorted(found + duplicates))
+
+
+def classifier_bias(model: nn.Module) -> nn.Linear:
+    """The last linear layer, which must have a bias (what the bias-gradient count reads)."""
+    _, fc = last_linear(model)
+    if fc.bias is None:
+        raise LabelRecoveryError("needs a bias in the model's last linear layer")
+    return fc
+
+
+def mean_softmax(model: nn.Module, batch: int, probes: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """p̄ (num_classes,): the model's softmax output averaged over ``probes`` batches of N(0, 1) inputs in its input
+    space, each of ``batch`` images (in the client's BatchNorm mode, so train-mode layers normalise each probe batch
+    as they did the client's)."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    model = copy.deepcopy(model)  # train-mode BatchNorm would move the running statistics of the caller's model
+    with torch.no_grad():
+        probs = [torch.softmax(model(torch.randn((max(batch, 2), *shape), generator=gen).to(device)), -1).mean(0)
+                 for _ in range(probes)]
+    return torch.stack(probs).mean(0).cpu().double()
+
+
+def summed_softmax(signal: LabelSignal, batch: int, params: LabelParams, points: int = 8) -> torch.Tensor:
+    """Σ_t p̄(θ_t) over the client's local steps (num_classes,): at the global model for one step; for several,
+    the mean over up to ``points`` models θ_t = θ₀ + (t / T)·(θ_T − θ₀), t < T, times T."""
+    assert signal.image_shape is not None
+    if signal.steps == 1 or signal.end_state is None:
+        return signal.steps * mean_softmax(signal.model, batch, params.probes, signal.image_shape, params.seed)
+    start = signal.model.state_dict()
+    steps = np.unique(np.linspace(0, signal.steps - 1, min(points, signal.steps)).round())
+    total = torch.zeros(())
+    for t in steps:
+        f = float(t) / signal.steps
+        model = copy.deepcopy(signal.model)
+        model.load_state_dict({k: v + f * (signal.end_state[k].to(v) - v) if v.is_floating_point() else v
+                               for k, v in start.items()})
+        total = total + mean_softmax(model, batch, params.probes, signal.image_shape, params.seed)
+    return signal.steps * total / len(steps)
+
+
+def round_to_total(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """Non-negative integers summing to ``total`` closest to ``counts`` (largest remainders)."""
+    c = counts.clamp_min(0)
+    c = c * (total / c.sum()) if float(c.sum()) > 0 else torch.full_like(c, total / len(c))
+    base = c.floor().long()
+    rest = total - int(base.sum())
+    if rest > 0:
+        base[torch.argsort(c - base, descending=True)[:rest]] += 1
+    return base
+
+
+@from_gradient("bias-count", "Geng et al. 2021 / Wainakh et al. 2022: counts n_c = B·(p̄_c − ∂L/∂b_c), duplicates "
+               "included", requires=classifier_bias)
+def bias_count(signal: LabelSignal, params: LabelParams) -> torch.Tensor:
+    """Label counts from the classifier's bias gradient. For mean cross-entropy over a batch of B,
+    ∂L/∂b_c = p̄_c − n_c / B, so n_c = B·(p̄_c − ∂L/∂b_c), with p̄ the batch's mean softmax output, estimated by
+    feeding the model random batches (:func:`mean_softmax`). Over T local steps of B (FedAvg, plain SGD) the summed
+    gradient gives the counts over every step, n_c = B·(Σ_t p̄_c(θ_t) − Σ_t ∂L_t/∂b_c), with θ_t on the straight
+    path from the global to the returned weights, scaled to the K images reconstructed (epochs revisit them).
+    Rounded to K labels by largest remainders."""
+    if signal.bias_grads is None or signal.image_shape is None:
+        raise LabelRecoveryError("bias-count needs the classifier's bias gradient (or the FedAvg bias change)")
+    b = signal.step_batch or signal.batch_size
+    p_sum = summed_softmax(signal, b, params)
+    counts = b * (p_sum - signal.bias_grads.detach().cpu().double())
+    counts = round_to_total(counts * signal.batch_size / (signal.steps * b), signal.batch_size)
+    return torch.repeat_interleave(torch.arange(len(counts)), counts)
+

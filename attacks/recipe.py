@@ -24,7 +24,8 @@ class Recipe(BaseModel):
     # initialisation and labels
     init: Literal["uniform", "gaussian", "gray"] = Field(
         description="U(0, 1) image, N(0, 1) in the model's input space (GGI), or mid-gray (AFGI)")
-    labels: str = Field(description="label strategy (attacks.labels.LABEL_STRATEGIES): idlg, yin, lrb, joint, oracle")
+    labels: str = Field(description="label strategy (attacks.labels.LABEL_STRATEGIES): idlg, yin, lrb, bias-count, "
+                                    "joint, oracle")
     # regularisers (weights; 0 switches a term off)
     tv: float = Field(0.0, ge=0, description="total variation (see tv_space)")
     tv_space: Literal["image", "input"] = Field(

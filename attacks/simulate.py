@@ -126,6 +126,23 @@ class ClientSimulator:
             current = [p - self.meta.lr * g for p, g in zip(current, grads, strict=True)]
         return [p0 - p for p0, p in zip(theta.values(), current, strict=True)]
 
+    def label_signal_bias(self, fc_name: str) -> torch.Tensor | None:
+        """The last FC bias gradient summed over the local steps (num_classes,), or None without a bias. FedAvg:
+        (b₀ − b_T) / lr, less weight decay's pull (taken at b₀); with momentum μ, step s's gradient enters the
+        update (1 − μ^(T−s)) / (1 − μ) times, here replaced by the mean of those factors."""
+        name = f"{fc_name}.bias"
+        if name not in self.names:
+            return None
+        change = self.target[self.names.index(name)].detach()
+        if self.kind == "gradient":
+            return change
+        meta, steps = self.meta, self.steps
+        summed = change / meta.lr - meta.weight_decay * steps * self.params0[name]
+        if meta.momentum:
+            factors = [(1 - meta.momentum ** (steps - s)) / (1 - meta.momentum) for s in range(steps)]
+            summed = summed * steps / sum(factors)
+        return summed
+
     def label_signal_grad(self, fc_name: str) -> torch.Tensor:
         """The last FC weight gradient (FedSGD) or weight change θ₀ − θ_T (FedAvg), (num_classes, h)."""
         return self.target[self.names.index(f"{fc_name}.weight")].detach()

@@ -169,21 +169,43 @@ def _union(data):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_label_recovery_table_lrb_beats_the_distinct_label_rules_where_labels_repeat(threads):
-    """idlg and yin return K distinct labels, so neither can pass the distinct-label bound (their order
-    between them is noise); lrb's fill step repeats labels and beats both."""
+def test_label_table_bias_count_recovers_repeated_labels_the_distinct_rules_cannot(threads, mnist):
+    """idlg and yin return K distinct labels, so neither can pass the distinct-label bound; lrb's fill step repeats
+    labels; the bias-gradient count recovers the multiplicities themselves (untrained ResNet-18, B = 8, 16)."""
     from benchmarks.label_recovery import label_table
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        table = label_table(batch_sizes=(4, 8), trials=20, train_steps=100)
+        table = label_table("resnet18", batch_sizes=(8, 16), trials=8, data=mnist)
     finally:
         torch.set_num_threads(before)
-    for k in (4, 8):
+    for k in (8, 16):
         row = table[k]
-        assert row["lrb"] > max(row["yin"], row["idlg"]), table
-        assert max(row["yin"], row["idlg"]) <= row["distinct_bound"] + 1e-9 < 1.0, table
+        assert row["bias-count"]["count"] >= 0.95 and row["bias-count"]["existence"] >= 0.95, table
+        assert row["bias-count"]["count"] > row["lrb"]["count"], table
+        assert max(row["yin"]["count"], row["idlg"]["count"]) <= row["distinct_bound"] + 1e-9 < 1.0, table
+
+
+@pytest.mark.parametrize("protocol", ["fedsgd", "fedavg", "fedavg-epochs"])
+def test_bias_count_returns_a_known_batchs_label_multiset(mnist, protocol):
+    from fl_sim.data.images import TensorImageSet
+
+    labels = [0, 1, 1, 1, 1, 3, 3, 3, 7, 7]
+    idx = np.concatenate([np.flatnonzero(mnist.train.labels == c)[: labels.count(c)] for c in sorted(set(labels))])
+    pool = TensorImageSet(mnist.train.pixels[idx], mnist.train.labels[idx])
+    model = build_model(ModelConfig(name="convnet"), 10, mnist.shape, seed=0)
+    order = np.random.default_rng(0).permutation(10)
+    if protocol == "fedsgd":
+        plan, batches = fedsgd_plan(batch_size=10), [order]
+    elif protocol == "fedavg":  # two local steps of 5 (p̄ is probed along the path; at lr 0.05 it drifts too far)
+        plan, batches = LocalTraining("fedavg", 0.01, 5, 2, 0, "sgd", 0.0, 0.0, "train"), [order[:5], order[5:]]
+    else:  # two epochs of two steps: every image seen twice
+        plan = LocalTraining("fedavg", 0.01, 5, 4, 2, "sgd", 0.0, 0.0, "train")
+        batches = [order[:5], order[5:], order[::2], order[1::2]]
+    obs, _ = observe(model, pool, batches, plan, mnist.normalization, 10)
+    rec = build_attack("ggi", {"labels": "bias-count", "iterations": 1}).reconstruct(obs, model)
+    assert rec.labels.tolist() == labels
 
 
 def _repeated_label_resnet(mnist, labels: list[int]):

@@ -23,12 +23,13 @@ def observe(model: nn.Module, pool: ImageSet, batches: list[np.ndarray], plan: L
             norm: Normalization, num_classes: int, device: torch.device | str = "cpu",
             server_round: int = 1, client: int = 0) -> tuple[Observation, Secret]:
     """(what the server sees, what the client used) for one local update on ``batches``; the client
-    reports the examples it used as its weight."""
+    reports the distinct examples it used (its shard: epochs revisit them) as its weight."""
     device = torch.device(device)
     global_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     local = copy.deepcopy(model).to(device)
     update, loss = local_update(local, pool, batches, plan, norm, device)
-    reported = client_metrics(client, batches, loss, plan, shard_size=sum(len(b) for b in batches))
+    distinct = len(np.unique(np.concatenate([np.asarray(b) for b in batches]))) if batches else 0
+    reported = client_metrics(client, batches, loss, plan, shard_size=distinct)
     obs = observation(server_round, global_state, {k: v.cpu() for k, v in update.items()}, reported,
                       ObservedModel.of(model, plan, norm, num_classes, pool.shape))
     return obs, Secret(server_round, client, tuple(np.asarray(b) for b in batches))
