@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -18,6 +19,7 @@ from attacks.base import ObservationAttack, Reconstruction, Setting
 from attacks.batched import BatchedMatching, Problem, unbatchable
 from attacks.bn_buffers import BuffersUnavailable, ClientStatistics, client_statistics
 from attacks.edges import EdgePrior, baseline_point
+from attacks.epochs import EpochTie
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelRecoveryError, LabelSignal, last_linear
 from attacks.matching import GradientDistance
 from attacks.optimize import Monitor, Trial, optimize
@@ -94,7 +96,8 @@ class GradientInversion(ObservationAttack):
         try:
             client = self._client_statistics(model, obs)
             sim = ClientSimulator(model, obs, device, track_bn=r.bn_stats > 0,
-                                  client_stats=client if r.bn_forward == "client" else None)
+                                  client_stats=client if r.bn_forward == "client" else None,
+                                  separate_epochs=r.epochs == "separate")
             labels = self._labels(sim, obs, oracle_labels)
         except (UnsupportedObservation, LabelRecoveryError, BuffersUnavailable) as err:
             empty = torch.zeros(0, *obs.image_shape)
@@ -105,6 +108,7 @@ class GradientInversion(ObservationAttack):
         bounds = (norm.normalize(ones * 0), norm.normalize(ones))
         distance = GradientDistance(sim.target, r.loss, r.layer_weights)
         priors = self._priors(sim, obs)
+        ties: list[EpochTie] = []
 
         def objective(z: torch.Tensor, logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             y = labels if logits is None else F.softmax(logits, dim=-1)
@@ -112,16 +116,21 @@ class GradientInversion(ObservationAttack):
             loss = matched + with_priors(priors, z, norm)
             if r.bn_stats:
                 loss = loss + r.bn_stats * sim.bn_statistics_loss(client if r.bn_target == "client" else None)
+            if sim.copies > 1 and r.epoch_prior:
+                loss = loss + r.epoch_prior * ties[-1](z)
             return loss, matched
 
         trials: list[Trial] = []
         for k in range(r.restarts):
             gen = torch.Generator().manual_seed(ATTACK_START.seed(r.seed, k, obs.server_round, obs.client))
-            z0 = self._init(sim.num_images, obs, gen).to(device)
+            z0 = self._init(sim.num_candidates, obs, gen).to(device)
             logits0 = (torch.randn(sim.num_images, obs.num_classes, generator=gen).to(device)
                        if self.joint_labels else None)
+            ties.append(EpochTie(sim.copies, sim.num_images, labels))
             trials.append(optimize(objective, z0, logits0, r, bounds, monitor=self._watch(obs),
                                    desc=f"{self.name} round {obs.server_round} client {obs.client}"))
+            if sim.copies > 1:  # the epochs' copies merged into the N images
+                trials[-1] = dataclasses.replace(trials[-1], z=ties[-1].merged(trials[-1].z))
         return self._result(trials, labels, obs, time.perf_counter() - start)
 
     def _watch(self, obs: Observation) -> Monitor | None:

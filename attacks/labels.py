@@ -93,19 +93,24 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
         raise LabelRecoveryError("label recovery needs a model whose last layer is nn.Linear") from None
 
 
-@from_gradient("idlg", "iDLG's sign rule (K > 1: the K most negative rows)")
+@from_gradient("idlg", "iDLG's sign rule (K > 1: the K most negative rows; K > classes: repeated in rank order)")
 def idlg(signal: LabelSignal, _: LabelParams) -> torch.Tensor:
     """iDLG: the label whose row of ∂L/∂W_fc sums most negative (exact for K = 1 with ≥ 0 features);
     for K > 1 the K most negative rows (the extension RAF-GI compares against)."""
     row_sums = signal.fc_grad.sum(dim=1)
-    return torch.sort(torch.argsort(row_sums)[: signal.batch_size]).values
+    return torch.sort(_first(torch.argsort(row_sums), signal.batch_size)).values
 
 
-@from_gradient("yin", "GradInversion's row-minimum (distinct labels)")
+@from_gradient("yin", "GradInversion's row-minimum (distinct labels; K > classes: repeated in rank order)")
 def yin(signal: LabelSignal, _: LabelParams) -> torch.Tensor:
     """GradInversion (Yin et al. 2021): the K labels with the smallest row-minimum (distinct labels)."""
     row_min = signal.fc_grad.min(dim=1).values
-    return torch.sort(torch.argsort(row_min)[: signal.batch_size]).values
+    return torch.sort(_first(torch.argsort(row_min), signal.batch_size)).values
+
+
+def _first(ranking: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k of a class ranking; past the number of classes, the ranking again (K labels always)."""
+    return ranking.repeat(-(-k // len(ranking)))[:k]
 
 
 def lrb_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Linear]:

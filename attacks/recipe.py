@@ -47,6 +47,10 @@ class Recipe(BaseModel):
     bn_forward: Literal["batch", "client"] = Field(
         "batch", description="train-mode BatchNorm in the replayed forward: the candidates' own batch statistics, or "
                              "the client's, recovered from its BatchNorm buffers (one local step; attacks.bn_buffers)")
+    epochs: Literal["shared", "separate"] = Field(
+        "shared", description="FedAvg over local epochs: one set of N candidates replayed in every epoch, or one copy "
+                              "per epoch tied by the epoch prior (Dimitrov et al. 2022)")
+    epoch_prior: float = Field(0.0, ge=0, description="weight of the order-invariant epoch prior (epochs = separate)")
     # optimisation
     optimizer: Literal["lbfgs", "adam"]
     line_search: Literal["none", "strong_wolfe"] = Field(
@@ -110,6 +114,14 @@ PRESETS["raf-gi"] = dict(PRESETS["afgi"])
 # client's statistics (bn_forward = "client") is exact too, but from a random start it lands lower
 # (benchmarks/bn_buffers.py), so the preset keeps the candidates' own statistics in the forward.
 PRESETS["ggi-bn"] = PRESETS["ggi"] | dict(bn_stats=1e-2, bn_target="client")
+
+
+# Dimitrov et al. (TMLR 2022) as a preset over the unrolled FedAvg replay: each local epoch on its own copy of the
+# client's images (their order within an epoch unknown), tied by the order-invariant epoch prior, labels counted
+# from the bias change; matching, priors and optimiser as `ggi`.
+PRESETS["dimitrov"] = PRESETS["ggi"] | dict(epochs="separate", epoch_prior=0.1, labels="bias-count")
+# ... with the client's BatchNorm statistics from its buffers (as ggi-bn): what a Flower server receives, all used.
+PRESETS["dimitrov-bn"] = PRESETS["dimitrov"] | dict(bn_stats=1e-2, bn_target="client")
 
 
 def uses_bn_buffers(r: Recipe) -> bool:

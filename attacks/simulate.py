@@ -4,8 +4,8 @@ FedSGD: the gradient of the client's loss at the global weights. FedAvg: the loc
 unrolled (Geiping et al. 2020, §5) — θ_{t+1} = θ_t − lr·(momentum buffer of ∇L(θ_t; batch_t)),
 and the update θ₀ − θ_T is matched against the observed one; Δθ / lr is never treated as a
 gradient when there is more than one step. The attacker knows the protocol (steps, batch size,
-lr, momentum) but not the client's batch order: it reconstructs N = min(steps · batch, examples)
-images and replays full batches over them in order (wrapping around for local epochs).
+lr, momentum, local epochs) but not the client's batch order: it reconstructs N = min(steps · batch,
+examples) images and replays them in a fixed order (per epoch, or wrapping around; :func:`step_schedule`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,26 @@ from torch import nn
 from torch.func import functional_call
 
 from attacks.bn_buffers import ClientStatistics, ClientStatsBatchNorm, batch_statistics, unbiased, use_client_statistics
-from fl_sim.observation import Observation
+from fl_sim.observation import Observation, ProtocolMeta
 
 
 class UnsupportedObservation(ValueError):
     """The observation's protocol cannot be replayed (e.g. Adam local training)."""
+
+
+def step_schedule(meta: ProtocolMeta, n: int, steps: int, separate_epochs: bool) -> tuple[list[torch.Tensor], int]:
+    """The candidates each replayed step trains on, and how many copies of the N images there are.
+
+    Local epochs (``meta.local_epochs`` passes of ``steps`` in all): each epoch takes the N candidates in
+    ceil(N / B) batches, the last one smaller, as the client's shuffled passes do (their order is unknown, so
+    one fixed order stands for it); with ``separate_epochs`` epoch e uses its own copy, candidates e·N … e·N + N − 1.
+    Local steps: full batches over the N candidates in order, wrapping around."""
+    b = meta.batch_size
+    if meta.local_epochs > 0 and steps == meta.local_epochs * -(-n // b):
+        epoch = [torch.arange(j * b, min((j + 1) * b, n)) for j in range(-(-n // b))]
+        copies = meta.local_epochs if separate_epochs else 1
+        return [idx + (e * n if copies > 1 else 0) for e in range(meta.local_epochs) for idx in epoch], copies
+    return [torch.arange(t * b, t * b + b) % n for t in range(steps)], 1
 
 
 class ClientSimulator:
@@ -33,9 +48,11 @@ class ClientSimulator:
     """
 
     def __init__(self, model: nn.Module, obs: Observation, device: torch.device, track_bn: bool = False,
-                 client_stats: list[ClientStatistics] | None = None) -> None:
+                 client_stats: list[ClientStatistics] | None = None, separate_epochs: bool = False) -> None:
         """``track_bn``: record the candidates' BatchNorm statistics on every forward (for a statistics prior);
-        ``client_stats``: train-mode BatchNorm normalises with the client's statistics (attacks.bn_buffers)."""
+        ``client_stats``: train-mode BatchNorm normalises with the client's statistics (attacks.bn_buffers);
+        ``separate_epochs``: FedAvg over local epochs replays each epoch on its own copy of the N candidates
+        (Dimitrov et al.: ``copies`` = epochs, candidates = copies · N), else one set in every epoch."""
         meta = obs.meta
         if obs.kind == "weights" and meta.optimizer != "sgd":
             raise UnsupportedObservation(f"FedAvg local training with '{meta.optimizer}' cannot be unrolled; "
@@ -67,6 +84,8 @@ class ClientSimulator:
             self.target = [self.params0[n] - update[n] for n in self.names]
             self.num_images = min(meta.local_steps * meta.batch_size, meta.num_examples)
             self.steps = meta.local_steps
+        self.schedule, self.copies = step_schedule(meta, self.num_images, self.steps, separate_epochs)
+        self.num_candidates = self.copies * self.num_images
         # per forward of the last call, per BatchNorm layer in order: (candidates' mean, biased variance, input)
         self._bn_seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._bn_running = [(m.running_mean, m.running_var) for m in self.model.modules()
@@ -110,11 +129,12 @@ class ClientSimulator:
         if self.kind == "gradient":
             loss = self._loss(theta, z, y)
             return list(torch.autograd.grad(loss, list(theta.values()), create_graph=True))
-        b, n = self.meta.batch_size, z.shape[0]
+        if y.shape[0] != z.shape[0]:  # one label per image, shared by its copies
+            y = y.repeat(z.shape[0] // y.shape[0], *([1] * (y.ndim - 1)))
         velocity: list[torch.Tensor] | None = None
         current = list(theta.values())
-        for t in range(self.steps):
-            idx = torch.arange(t * b, t * b + b, device=z.device) % n
+        for idx in self.schedule:
+            idx = idx.to(z.device)
             loss = self._loss(dict(zip(self.names, current, strict=True)), z[idx], y[idx])
             grads = torch.autograd.grad(loss, current, create_graph=True)
             if self.meta.weight_decay:

@@ -168,3 +168,32 @@ def test_every_attack_declares_what_it_targets():
     assert all(isinstance(build_attack(n, {}), ATTACKS.get(n).kind) for n in ATTACKS)
     with pytest.raises(TypeError, match="must extend ObservationAttack or ModelAttack"):
         AttackType(lambda params: object(), object)
+
+
+def test_every_attack_gets_a_prior_only_baseline_on_an_unrelated_batch(tmp_path):
+    from fl_sim.federation.setup import prepare
+    from fl_sim.leakage.baseline import uninformative
+    from fl_sim.store import load_observations
+
+    raw = tiny(federation={"rounds": 1}, training={"batch_size": 1}, attacks=[{"name": "idlg", "iterations": 100}])
+    store = run(tmp_path, raw)
+    rows = rows_of(store)
+    scored = {(r["client"], r["metric"]): float(r["value"]) for r in rows}
+    clients = {r["client"] for r in rows}
+    for client in clients:  # beside every score its baseline: the same attack on an unrelated batch's update
+        assert {"baseline_psnr", "baseline_ssim", "baseline_label_acc", "baseline_failed"} <= {
+            m for c, m in scored if c == client}
+        assert scored[(client, "psnr")] > scored[(client, "baseline_psnr")] + 10  # iDLG, batch 1: the update leaks
+    scenario = scenario_from_dict(raw)
+    fed = prepare(scenario)
+    obs = next(iter(load_observations(store.root, rounds={1})))
+    other, labels = uninformative(obs, fed.model(), fed.data.test, fed.norm, scenario.seed, fed.device)
+    again, _ = uninformative(obs, fed.model(), fed.data.test, fed.norm, scenario.seed, fed.device)
+    assert other.meta == obs.meta and other.global_state is obs.global_state and len(labels) == obs.meta.batch_size
+    assert other.update.keys() == obs.update.keys()
+    assert all(other.update[k].shape == v.shape for k, v in obs.update.items())
+    assert not torch.equal(other.update["fc.0.weight"], obs.update["fc.0.weight"])
+    assert all(torch.equal(again.update[k], v) for k, v in other.update.items())  # seeded
+    off = run(tmp_path, tiny(federation={"rounds": 1}, threat_model={"baseline": False},
+                             attacks=[{"name": "idlg", "iterations": 2}]), name="off")
+    assert not [r for r in rows_of(off) if r["metric"].startswith("baseline_")]

@@ -114,9 +114,14 @@ def test_headline_equals_a_query_over_results_csv(runs):
     ssim = rows[rows.metric == "ssim"]
     headline = pd.read_csv(root / "headline.csv").set_index("attack")
     for attack, group in ssim.groupby("attack"):
-        recovered = int((group.value >= 0.5).sum())
+        prior = rows[(rows.metric == "baseline_ssim") & (rows.attack == attack)].value
+        assert len(prior) == len(group)  # every reconstruction has its prior-only baseline
+        recovered = int(((group.value >= 0.5) & (group.value > prior.max())).sum())
         assert headline.loc[attack, "attacked (round × client)"] == len(group) == 6  # 3 rounds × 2 clients
-        assert headline.loc[attack, "recovered (SSIM ≥ 0.5)"].startswith(f"{recovered} / {len(group)}")
+        assert headline.loc[attack, "recovered (SSIM ≥ 0.5, above baseline)"].startswith(f"{recovered} / {len(group)}")
+        median, best = headline.loc[attack, "prior-only baseline (median, best)"].split(", ")
+        assert float(median) == pytest.approx(prior.median(), abs=1e-3) and float(best) == pytest.approx(prior.max(),
+                                                                                                          abs=1e-3)
     by_round = pd.read_csv(root / "leakage_by_round.csv")
     psnr = rows[rows.metric == "psnr"].groupby(["attack", "round"]).value
     mine = by_round[by_round.score == "psnr"].set_index(["attack", "round"])
@@ -247,6 +252,23 @@ def test_tables_best_median_worst_and_recovered_fraction():
     assert stats.loc[("a", 1, "ssim"), "mean"] == pytest.approx(0.55) and stats.loc[("a", 2, "ssim"), "failed"] == 1
     assert t.unavailable(synthetic_rows()) == {"lpips": "no weights"}
     assert "lpips" not in t.scored(recs)
+
+
+def test_recovered_counts_only_scores_beyond_the_prior_only_baselines():
+    rows = synthetic_rows()
+    keys = ["run", "round", "client", "attack"]
+    prior = rows[rows.metric == "ssim"].assign(metric="baseline_ssim")
+    prior["value"] = [0.7, 0.1, 0.3, 0.05]  # a's priors alone reach 0.7 once: only its 0.9 stands above them
+    recs = t.reconstructions(pd.concat([rows, prior]))
+    head = t.headline(recs, DEFAULT_RULE).set_index("attack")
+    assert head.loc["a", "recovered"] == 1 and head.loc["a", "baseline_extreme"] == 0.7
+    assert head.loc["a", "baseline_median"] == pytest.approx(0.3) and head.loc["a", "margin_median"] == pytest.approx(
+        0.2)  # margins 0.2, 0.1, 0.3
+    stats = t.by_round(recs).set_index(["attack", "round", "score"])
+    assert stats.loc[("a", 1, "ssim"), "baseline"] == pytest.approx(0.4)
+    assert not recs[keys].duplicated().any()
+    without = t.headline(t.reconstructions(rows), DEFAULT_RULE).set_index("attack")
+    assert without.loc["a", "recovered"] == 2 and np.isnan(without.loc["a", "baseline_median"])
 
 
 def test_recovery_rule_parses_and_compares():

@@ -45,6 +45,12 @@ BAD_SCENARIOS = [
     ("bn buffers not granted", tiny(model={"name": "convnet"}, threat_model={"knows": [
         "update", "global_model", "protocol"]}) | {"attacks": [{"name": "ggi-bn"}]}, [],
      ["attacks.0", "needs capability 'bn_buffers'"]),
+    ("same attack twice", tiny() | {"attacks": [{"name": "ggi"}, {"name": "ggi", "tv": 0.1}]}, [],
+     ["attacks.1", "'ggi' names attacks.0 too", "distinct label"]),
+    ("label with a slash", tiny() | {"attacks": [{"name": "ggi", "label": "ggi/tv"}]}, [],
+     ["attacks.0.label", "should match pattern"]),
+    ("fashion-mnist missing", tiny(data={"dataset": "fashion-mnist", "root": "/nonexistent/root"}), [],
+     ["dataset 'fashion-mnist' is not available", "dataset-fashion-mnist"]),
     ("unknown capability", tiny(threat_model={"knows": ["update", "oracle_label"]}), [],
      ["threat_model.knows", "unknown capability 'oracle_label'", "did you mean 'oracle_labels'", "surrogate_data"]),
 ]
@@ -129,8 +135,11 @@ def test_resolved_scenario_round_trips():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_scenarios_validate_and_fit_their_data(path):
+    from fl_sim.data.sources import FASHION_DEBIAN_DIR
     from fl_sim.federation.setup import prepare
 
+    if "fashion-mnist" in path.read_text() and not FASHION_DEBIAN_DIR.is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist; .ci/run does)")
     scenario = load_scenario(path)
     fed = prepare(scenario)
     assert len(fed.shards) == scenario.federation.num_clients and all(len(s) > 0 for s in fed.shards)

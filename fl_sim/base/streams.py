@@ -66,6 +66,8 @@ STREAMS = (
     NEAREST_DRAWS := Stream("nearest draws", 14, ("round",), "seed", "numpy"),  # TLDR's size-matched subsets
     GENERATOR_INIT := Stream("generator init", 15, (), "attack seed", "seed"),  # TLDR: torch (weights, dropout)
     GENERATOR_DRAWS := Stream("generator draws", 16, (), "attack seed", "seed"),  # TLDR: labels, latents, noise
+    # the unrelated test-split batch of a prior-only baseline (fl_sim.leakage.baseline), and its local training
+    BASELINE_BATCH := Stream("baseline batch", 17, ("client", "round"), "seed", "numpy"),
 )
 
 

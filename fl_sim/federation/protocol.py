@@ -79,7 +79,8 @@ def observation(server_round: int, global_state: dict[str, torch.Tensor], update
     meta = ProtocolMeta(protocol=p.protocol, num_examples=int(reported["num-examples"]),
                         batch_size=int(reported["batch-size"]), local_steps=int(reported["local-steps"]),
                         lr=float(reported["lr"]), optimizer=p.optimizer, momentum=p.momentum,
-                        weight_decay=p.weight_decay, batchnorm=p.batchnorm, train_loss=float(reported["train-loss"]))
+                        weight_decay=p.weight_decay, batchnorm=p.batchnorm, train_loss=float(reported["train-loss"]),
+                        local_epochs=p.local_epochs if p.protocol == "fedavg" else 0)
     shared = None if features is None else SharedFeatures(
         *(torch.from_numpy(features[k].numpy().copy()) for k in ("values", "indices")), model.feature_dim)
     return Observation(server_round=server_round, client=int(reported["client-id"]),

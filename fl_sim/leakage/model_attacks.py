@@ -80,7 +80,7 @@ class InversionRunner:
     def __init__(self, scenario: Scenario, fed: Federation, store: RunStore,
                  specs: list[ComponentSpec] | None = None) -> None:
         self.scenario, self.fed, self.store = scenario, fed, store
-        self.attacks = [(spec.name, build_attack(spec.name, spec.params)) for spec in specs or scenario.attacks
+        self.attacks = [(spec.shown, build_attack(spec.name, spec.params)) for spec in specs or scenario.attacks
                         if ATTACKS.get(spec.name).target == Target.GLOBAL_MODEL]
         if self.attacks:
             pool = np.concatenate(fed.shards)

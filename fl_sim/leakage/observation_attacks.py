@@ -17,6 +17,7 @@ import torch
 from attacks import ATTACKS, ObservationAttack, Reconstruction, Target, build_attack
 from defenses import defense_label
 from fl_sim.base.atomic import atomic_path, save_tensors
+from fl_sim.leakage.baseline import BASELINE, uninformative
 from fl_sim.leakage.grids import round_grid
 from fl_sim.leakage.scoring import Pairing, pair, score
 from fl_sim.leakage.secret import Batches, Secret, SecretLedger
@@ -45,7 +46,7 @@ class LeakageRunner:
         self.scenario, self.fed, self.store = scenario, fed, store
         self.secrets = SecretLedger(store.layout)
         self.defense = defense_label(scenario.defenses)
-        self.attacks = [NamedAttack(spec.name, build_attack(spec.name, spec.params))
+        self.attacks = [NamedAttack(spec.shown, build_attack(spec.name, spec.params))
                         for spec in (scenario.attacks if specs is None else specs)
                         if ATTACKS.get(spec.name).target == Target.OBSERVATION]
 
@@ -63,6 +64,7 @@ class LeakageRunner:
         batched = {named.name: self._reconstruct_many(named, attacked) for named in self.attacks}
         for obs in attacked:
             gt_images, gt_labels = truth[obs.client]
+            unrelated = self._uninformative(obs)
             for named in self.attacks:
                 rec = batched[named.name].get(obs.client) or self._reconstruct(named, obs, gt_labels)
                 if rec.failure:
@@ -72,8 +74,30 @@ class LeakageRunner:
                 base = {"round": server_round, "client": obs.client, "attack": named.name, "defense": self.defense,
                         "label_strategy": rec.label_strategy}
                 rows += [base | row for row in score(rec, gt_images, gt_labels, self.scenario.metrics, pairing)]
+                if unrelated is not None:
+                    rows += [base | row for row in self._baseline(named, *unrelated, gt_images, gt_labels)]
         self.store.append_results(rows)
         self.write_grid(server_round)
+
+    def _uninformative(self, obs: Observation) -> tuple[Observation, torch.Tensor] | None:
+        """The baseline's observation of this client (and its batch's labels), or None: baselines off, or a
+        secure aggregate (client -1), whose update is no one client's."""
+        if not self.scenario.threat_model.baseline or obs.client < 0:
+            return None
+        return uninformative(obs, self.fed.model(), self.fed.data.test, self.fed.norm, self.scenario.seed,
+                             self.fed.device)
+
+    def _baseline(self, named: NamedAttack, obs: Observation, labels: torch.Tensor, gt_images: torch.Tensor,
+                  gt_labels: torch.Tensor) -> list[dict[str, Any]]:
+        """The attack on the uninformative observation, scored against the client's real batch: rows
+        ``baseline_<metric>`` (and ``baseline_failed``)."""
+        rec = self._reconstruct(named, obs, labels)
+        if rec.failure:
+            log.warning("round %d client %d: %s's prior-only baseline failed: %s", obs.server_round, obs.client,
+                        named.name, rec.failure)
+        rows = score(rec, gt_images, gt_labels, self.scenario.metrics)
+        return [row | {"metric": f"{BASELINE}{row['metric']}"} for row in rows
+                if row["metric"] not in ("iterations", "seconds")]
 
     def _reconstruct_many(self, named: NamedAttack, attacked: list[Observation]) -> dict[int, Reconstruction]:
         """client → reconstruction, for attacks that solve a round's clients as one batch (else empty:

@@ -29,8 +29,10 @@ class Secret:
     batches: Batches
 
     def examples(self, pool: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every example the client used (all steps): images (N, C, H, W) in [0, 1], labels (N,)."""
-        return pool.batch(np.concatenate(self.batches))
+        """Every distinct example the client used (all steps; local epochs revisit them), in the order of first
+        use: images (N, C, H, W) in [0, 1], labels (N,)."""
+        used = np.concatenate(self.batches) if self.batches else np.zeros(0, dtype=np.int64)
+        return pool.batch(np.asarray(list(dict.fromkeys(used.tolist())), dtype=np.int64))
 
 
 class SecretLedger:

@@ -34,6 +34,7 @@ class ProtocolMeta:
     weight_decay: float
     batchnorm: str  # "train" | "eval" during local training
     train_loss: float
+    local_epochs: int = 0  # FedAvg: shuffled passes over the shard the server instructed (0: local_steps batches)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def build_report(run_dirs: list[Path], out: Path | None = None, rule: RecoveryRu
     results = pd.concat([r.results for r in runs], ignore_index=True)
     recs = tables.reconstructions(results)
     unavailable = tables.unavailable(results)
-    colors = attack_colors(list(recs["attack"]) + [a.name for r in runs for a in r.scenario.attacks])
+    colors = attack_colors(list(recs["attack"]) + [a.shown for r in runs for a in r.scenario.attacks])
     stats = tables.by_round(recs)
     rank = tables.rank_score(recs, rule)
     cases = tables.cases(recs, rank) if rank else pd.DataFrame()
@@ -168,12 +168,18 @@ def _headline_table(recs: pd.DataFrame, cases: pd.DataFrame, rule: RecoveryRule,
     for h in tables.headline(recs, rule).to_dict("records"):
         row = {"run": h["run"], "attack": h["attack"], "attacked (round × client)": h["attacked"],
                "failed": h["failed"]}
+        has_baseline = not _nan(h["baseline_median"])
+        recovered = f"recovered ({rule}{', above baseline' if has_baseline else ''})"
         if _nan(h["recovered"]):
-            row[f"recovered ({rule})"] = f"n/a ({rule.metric} not scored)"
+            row[recovered] = f"n/a ({rule.metric} not scored)"
             row["clients recovered"] = "n/a"
         else:
-            row[f"recovered ({rule})"] = f"{h['recovered']} / {h['attacked']} ({h['recovered_fraction']:.0%})"
+            row[recovered] = f"{h['recovered']} / {h['attacked']} ({h['recovered_fraction']:.0%})"
             row["clients recovered"] = f"{h['clients_recovered']} / {h['clients']}"
+        if has_baseline:
+            row["prior-only baseline (median, best)"] = (f"{fmt(rule.metric, h['baseline_median'])}, "
+                                                         f"{fmt(rule.metric, h['baseline_extreme'])}")
+            row["margin over baseline (median)"] = f"{h['margin_median']:+.3g}"
         for case in ("best", "median", "worst"):
             match = cases[(cases["run"] == h["run"]) & (cases["attack"] == h["attack"]) & (cases["case"] == case)] \
                 if not cases.empty else cases
@@ -196,7 +202,7 @@ def _assumptions(run: RunData, recs: pd.DataFrame) -> dict[str, Assumptions]:
     """attack → its assumptions in this run: the scenario's attacks, and those appended later (``fl-sim attack``,
     taken with their preset's values)."""
     specs = list(run.scenario.attacks)
-    specs += [ComponentSpec(name=a) for a in sorted(set(recs["attack"]) - {s.name for s in specs})]
+    specs += [ComponentSpec(name=a) for a in sorted(set(recs["attack"]) - {s.shown for s in specs})]
     return {a.attack: a for a in assumptions(run.scenario, specs)}
 
 
@@ -228,8 +234,9 @@ def _by_round_table(stats: pd.DataFrame, unavailable: dict[str, str], assumed: d
             if score in by_score.index:
                 s = by_score.loc[score]
                 spread = "" if _nan(s["std"]) else f" ± {fmt(score, s['std'])}"
+                prior = "" if _nan(s["baseline"]) else f"; prior only {fmt(score, s['baseline'])}"
                 row[label(score)] = (f"{fmt(score, s['mean'])}{spread} "
-                                     f"[{fmt(score, s['min'])}, {fmt(score, s['max'])}]")
+                                     f"[{fmt(score, s['min'])}, {fmt(score, s['max'])}]{prior}")
             elif score in unavailable:
                 row[label(score)] = "unavailable"
         rows.append(row)

@@ -14,7 +14,8 @@ def _components(specs: list[ComponentSpec]) -> str:
     parts = []
     for spec in specs:
         params = ", ".join(f"{k}={v}" for k, v in (spec.model_extra or {}).items())
-        parts.append(f"{spec.name} ({params})" if params else spec.name)
+        name = spec.name if spec.label is None else f"{spec.label} = {spec.name}"
+        parts.append(f"{name} ({params})" if params else name)
     return "; ".join(parts)
 
 

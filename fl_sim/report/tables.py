@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from fl_sim.base.errors import UserInputError
+from fl_sim.leakage.baseline import BASELINE
 from fl_sim.leakage.metrics import METRICS, SCORES
 
 KEYS = ["run", "round", "client", "attack"]
@@ -89,13 +90,13 @@ def reconstructions(results: pd.DataFrame) -> pd.DataFrame:
 
 def unavailable(results: pd.DataFrame) -> dict[str, str]:
     """score → the reason it could not be computed (first ``unavailable: ...`` note)."""
-    notes = results[results["note"].str.startswith("unavailable:")]
+    notes = results[results["note"].str.startswith("unavailable:") & ~results["metric"].str.startswith(BASELINE)]
     return {m: n.removeprefix("unavailable:").strip() for m, n in notes.groupby("metric")["note"].first().items()}
 
 
 def provenance(results: pd.DataFrame) -> dict[str, str]:
     """score → what its values rest on, from the rows' ``backbone: ...`` notes (LPIPS), every distinct one."""
-    notes = results[results["note"].str.startswith("backbone:")]
+    notes = results[results["note"].str.startswith("backbone:") & ~results["metric"].str.startswith(BASELINE)]
     return {m: "; ".join(sorted({n.removeprefix("backbone:").strip() for n in group}))
             for m, group in notes.groupby("metric")["note"]}
 
@@ -105,16 +106,35 @@ def scored(recs: pd.DataFrame) -> list[str]:
     return [s for s in SCORES if s in recs and recs[s].notna().any()]
 
 
+def baseline(recs: pd.DataFrame, score: str) -> pd.Series:
+    """Each reconstruction's prior-only baseline for ``score`` (NaN where none ran)."""
+    column = f"{BASELINE}{score}"
+    return recs[column] if column in recs else pd.Series(math.nan, index=recs.index)
+
+
 def by_round(recs: pd.DataFrame) -> pd.DataFrame:
-    """Per (run, attack, round, score): mean, std, min, max over the attacked clients, n scored, failed count."""
+    """Per (run, attack, round, score): mean, std, min, max over the attacked clients, n scored, failed count, and
+    the mean prior-only baseline."""
     frames = []
     for score in scored(recs):
-        grouped = recs.groupby(["run", "attack", "round"])
+        grouped = recs.assign(_baseline=baseline(recs, score)).groupby(["run", "attack", "round"])
         stats = grouped[score].agg(["mean", "std", "min", "max", "count"]).rename(columns={"count": "n"})
         stats["failed"] = grouped["failed"].sum()
+        stats["baseline"] = grouped["_baseline"].mean()
         frames.append(stats.reset_index().assign(score=score))
-    columns = ["run", "attack", "round", "score", "mean", "std", "min", "max", "n", "failed"]
+    columns = ["run", "attack", "round", "score", "mean", "std", "min", "max", "n", "failed", "baseline"]
     return pd.concat(frames)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def above_baseline(group: pd.DataFrame, score: str) -> pd.Series:
+    """Whether each reconstruction's ``score`` is beyond every prior-only baseline of its run and attack (the
+    baseline's whole distribution); True where no baseline ran."""
+    reference = baseline(group, score).dropna()
+    if reference.empty:
+        return pd.Series(True, index=group.index)
+    if higher_is_better(score):
+        return (group[score] > reference.max()).fillna(False)
+    return (group[score] < reference.min()).fillna(False)
 
 
 def rank_score(recs: pd.DataFrame, rule: RecoveryRule) -> str | None:
@@ -134,7 +154,9 @@ def cases(recs: pd.DataFrame, rank: str) -> pd.DataFrame:
 
 
 def headline(recs: pd.DataFrame, rule: RecoveryRule) -> pd.DataFrame:
-    """Per (run, attack): attacked reconstructions, failures, recovered fraction, clients ever recovered."""
+    """Per (run, attack): attacked reconstructions, failures, recovered (the rule holds *and* the score is beyond
+    every prior-only baseline), clients ever recovered, and the rule metric's baseline median / extreme and the
+    median margin of the reconstructions over their baselines."""
     rows = []
     scored_runs = set(recs.loc[recs[rule.metric].notna(), "run"]) if rule.metric in recs else set()
     for (run, attack), group in recs.groupby(["run", "attack"]):
@@ -143,9 +165,15 @@ def headline(recs: pd.DataFrame, rule: RecoveryRule) -> pd.DataFrame:
         if run not in scored_runs:  # the run did not score the rule's metric at all
             row |= {"recovered": math.nan, "recovered_fraction": math.nan, "clients_recovered": math.nan}
         else:
-            ok = rule.holds(group[rule.metric]) & ~group["failed"]
+            ok = rule.holds(group[rule.metric]) & ~group["failed"] & above_baseline(group, rule.metric)
             row |= {"recovered": int(ok.sum()), "recovered_fraction": float(ok.mean()),
                     "clients_recovered": group.loc[ok, "client"].nunique()}
+        if rule.metric in group:
+            base = baseline(group, rule.metric)
+            row |= {"baseline_median": float(base.median()), "baseline_extreme": float(
+                        base.max() if higher_is_better(rule.metric) else base.min()),
+                    "margin_median": float((group[rule.metric] - base).median())}
         rows.append(row)
-    columns = ["run", "attack", "attacked", "failed", "clients", "recovered", "recovered_fraction", "clients_recovered"]
+    columns = ["run", "attack", "attacked", "failed", "clients", "recovered", "recovered_fraction", "clients_recovered",
+               "baseline_median", "baseline_extreme", "margin_median"]
     return pd.DataFrame(rows, columns=columns)

@@ -132,6 +132,9 @@ class ThreatModelConfig(Section):
         "attacked", description="which clients' observations the run folder keeps: the attacked ones, or all")
     rounds: list[int] | Literal["all"] = "all"
     clients: list[int] | Literal["all"] = "all"
+    baseline: bool = Field(True, description="also run every observation attack on an uninformative observation "
+                           "(an unrelated batch's update) and score it against the real batch: what the priors alone "
+                           "reach (doubles the attack time)")
     knows: list[str] | None = Field(
         None, description="capabilities the server has (fl_sim.observation.capabilities); default: what a Flower "
                           "server receives — update, global_model, protocol, num_examples, bn_buffers, and "
@@ -150,10 +153,18 @@ class ComponentSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
     name: str
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._()+=-]*$", max_length=80,
+                              description="what results and reports call it (default: name); tells two settings of "
+                                          "one attack apart (letters, digits, spaces and ._()+=-)")
 
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def shown(self) -> str:
+        """The name results and reports use."""
+        return self.label or self.name
 
 
 class OutputConfig(Section):
@@ -217,7 +228,11 @@ class Scenario(Section):
         """Preset overrides are checked by the attack; incompatibilities are stated up front."""
         from attacks import build_attack
 
+        shown = [spec.shown for spec in self.attacks]
         for i, spec in enumerate(self.attacks):
+            if shown.index(spec.shown) != i:
+                raise ValueError(f"scenario key 'attacks.{i}' ({spec.name}): '{spec.shown}' names attacks."
+                                 f"{shown.index(spec.shown)} too; give one of them a distinct label")
             try:
                 attack = build_attack(spec.name, spec.params)
             except ValidationError as err:

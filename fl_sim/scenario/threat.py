@@ -47,5 +47,5 @@ def assumptions(scenario: Scenario, specs: list[ComponentSpec] | None = None) ->
                 upper[EVAL_BN] = None
             if untrained and scenario.attacked_round(1):
                 upper[UNTRAINED] = (1,)
-        out.append(Assumptions(spec.name, tuple(used), upper))
+        out.append(Assumptions(spec.shown, tuple(used), upper))
     return out
