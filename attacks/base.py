@@ -24,10 +24,14 @@ from fl_sim.observation.capabilities import Capability
 
 @dataclass(frozen=True)
 class Setting:
-    """What of the scenario decides which capabilities an attack reads."""
+    """What of the scenario decides which capabilities an attack reads and whether it can run."""
 
     protocol: str  # "fedsgd" | "fedavg"
     shares_features: bool  # clients send their batch's pruned penultimate features
+    optimizer: str = "sgd"  # the clients' local optimizer
+    batchnorm: str = "train"  # BatchNorm mode in local training
+    local_steps: int = 1
+    local_epochs: int = 0  # FedAvg: passes over the shard (0: local_steps batches)
 
 
 class Target(StrEnum):
@@ -91,7 +95,7 @@ class ObservationAttack(ABC):
         """Whether it is an ablation that is handed the true labels (its rows are flagged)."""
         return False
 
-    def incompatibility(self, model: nn.Module, protocol: str, optimizer: str) -> str | None:
+    def incompatibility(self, model: nn.Module, setting: Setting) -> str | None:
         """What in the scenario this attack cannot work with (``model``: the architecture), or None."""
         return None
 

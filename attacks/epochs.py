@@ -4,7 +4,7 @@ local epoch, tied together by an order-invariant epoch prior.
 A client that runs E epochs sees its N images E times, each epoch in an order the server does not know. The
 attack replays epoch e on its own copy z_e (N candidates) and pulls the copies together:
 
-    R_epoch = mean_e mean_i ‖z_e[π_e(i)] − z̄_i‖²,   z̄ = mean_e z_e[π_e],
+    R_epoch = mean over e, i and pixels of (z_e[π_e(i)] − z̄_i)²,   z̄ = mean_e z_e[π_e],
 
 where π_e matches epoch e's candidates to epoch 0's (Hungarian on squared distance, only between candidates of
 the same label), so the prior does not depend on the order of any epoch's candidates. The reconstruction is z̄.

@@ -17,7 +17,7 @@ from torch import nn
 
 from attacks.base import ObservationAttack, Reconstruction, Setting
 from attacks.batched import BatchedMatching, Problem, unbatchable
-from attacks.bn_buffers import BuffersUnavailable, ClientStatistics, client_statistics
+from attacks.bn_buffers import BuffersUnavailable, ClientStatistics, batchnorm_layers, client_statistics
 from attacks.edges import EdgePrior, baseline_point
 from attacks.epochs import EpochTie
 from attacks.labels import LABEL_STRATEGIES, LabelParams, LabelRecoveryError, LabelSignal, last_linear
@@ -71,15 +71,30 @@ class GradientInversion(ObservationAttack):
             needs.add(Capability.BN_BUFFERS)
         return frozenset(needs)
 
-    def incompatibility(self, model: nn.Module, protocol: str, optimizer: str) -> str | None:
-        requires = LABEL_STRATEGIES.get(self.recipe.labels).requires
+    def incompatibility(self, model: nn.Module, setting: Setting) -> str | None:
+        r = self.recipe
+        requires = LABEL_STRATEGIES.get(r.labels).requires
         try:
             if requires is not None:
                 requires(model)
         except LabelRecoveryError as err:
-            return f"labels = '{self.recipe.labels}' {err}; use labels = 'yin' or 'idlg'"
-        if protocol == "fedavg" and optimizer != "sgd":
-            return f"FedAvg with optimizer '{optimizer}' cannot be unrolled by gradient matching; use optimizer 'sgd'"
+            return f"labels = '{r.labels}' {err}; use labels = 'yin' or 'idlg'"
+        if setting.protocol == "fedavg" and setting.optimizer != "sgd":
+            return (f"FedAvg with optimizer '{setting.optimizer}' cannot be unrolled by gradient matching; use "
+                    "optimizer 'sgd'")
+        if uses_bn_buffers(r):
+            if not batchnorm_layers(model):
+                return "reads the client's BatchNorm buffers, and the model has no BatchNorm layer; use bn_stats = 0"
+            if setting.batchnorm != "train":
+                return ("reads the client's BatchNorm buffers, which eval-mode clients (training.batchnorm = 'eval') "
+                        "leave unchanged; use bn_target = 'global' or bn_stats = 0")
+            steps = 1 if setting.protocol == "fedsgd" else setting.local_steps
+            if r.bn_forward == "client" and (steps != 1 or setting.local_epochs):
+                return ("bn_forward = 'client' needs one local step (the buffers then hold the batch's statistics); "
+                        "use bn_forward = 'batch'")
+        if r.epochs == "separate" and not (setting.protocol == "fedavg" and setting.local_epochs > 1):
+            return ("epochs = 'separate' replays local epochs: it needs training.protocol = 'fedavg' with "
+                    "local_epochs > 1")
         return None
 
     def reconstruct(self, obs: Observation, model: nn.Module,
@@ -211,12 +226,20 @@ class GradientInversion(ObservationAttack):
         if strategy.source == "oracle":
             if oracle is None:
                 raise LabelRecoveryError("labels = 'oracle' needs the true labels from the simulation (ablation only)")
-            return oracle.to(sim.device)
-        fc_name, _ = last_linear(sim.model)
-        signal = LabelSignal(sim.label_signal_grad(fc_name), sim.num_images, sim.model, sim.label_signal_bias(fc_name),
-                             sim.steps, obs.meta.batch_size, obs.image_shape,
-                             obs.update if obs.kind == "weights" else None)
-        return strategy(signal, LabelParams(r.lrb_gamma, r.lrb_scale, seed=r.seed)).to(sim.device)
+            if len(oracle) != sim.num_images:
+                raise LabelRecoveryError(f"labels = 'oracle': the client used {len(oracle)} distinct images, the "
+                                         f"replay has {sim.num_images} (its local steps drew some images twice)")
+            found = oracle
+        else:
+            fc_name, _ = last_linear(sim.model)
+            signal = LabelSignal(sim.label_signal_grad(fc_name), sim.num_images, sim.model,
+                                 sim.label_signal_bias(fc_name), sim.steps, obs.meta.batch_size, obs.image_shape,
+                                 obs.update if obs.kind == "weights" else None)
+            found = strategy(signal, LabelParams(r.lrb_gamma, r.lrb_scale, seed=r.seed))
+        if sim.steps > 1:  # a seeded order: the replay's batches neither sorted by class nor in the client's order
+            gen = torch.Generator().manual_seed(ATTACK_START.seed(r.seed, 0, obs.server_round, obs.client))
+            found = found[torch.randperm(len(found), generator=gen)]
+        return found.to(sim.device)
 
     def _priors(self, sim: ClientSimulator, obs: Observation) -> list[Prior]:
         r = self.recipe

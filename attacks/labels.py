@@ -1,7 +1,7 @@
 """Label recovery from the last fully connected layer's gradient — its own stage.
 
 The registry names every way an attack gets labels: read off the gradient (``idlg``, ``yin``,
-``lrb``: a :class:`LabelSignal` → K labels, sorted ascending as GradInversion and AFGI pair them),
+``lrb``, ``bias-count``: a :class:`LabelSignal` → K labels, sorted ascending as GradInversion and AFGI pair them),
 optimised jointly with the images (``joint``, DLG's soft labels) or handed the true ones (``oracle``,
 ablations). An entry also says what it needs of the model's structure.
 """
@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from fl_sim.base.registry import Registry
 from fl_sim.observation import features
@@ -173,16 +174,18 @@ def classifier_bias(model: nn.Module) -> nn.Linear:
     return fc
 
 
-def mean_softmax(model: nn.Module, batch: int, probes: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """p̄ (num_classes,): the model's softmax output averaged over ``probes`` batches of N(0, 1) inputs in its input
-    space, each of ``batch`` images (in the client's BatchNorm mode, so train-mode layers normalise each probe batch
-    as they did the client's)."""
+def mean_softmax(model: nn.Module, batch: int, probes: int, shape: tuple[int, ...], seed: int,
+                 state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """p̄ (num_classes,): the model's softmax output (with ``state``, default its own) averaged over ``probes``
+    batches of N(0, 1) inputs in its input space, each of ``batch`` images (in the client's BatchNorm mode, so
+    train-mode layers normalise each probe batch as they did the client's). The forward runs on copies of the
+    buffers: train-mode BatchNorm leaves the model's running statistics as they were."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    model = copy.deepcopy(model)  # train-mode BatchNorm would move the running statistics of the caller's model
+    state = {k: v.detach().clone() for k, v in (model.state_dict() if state is None else state).items()}
     with torch.no_grad():
-        probs = [torch.softmax(model(torch.randn((max(batch, 2), *shape), generator=gen).to(device)), -1).mean(0)
-                 for _ in range(probes)]
+        probs = [torch.softmax(functional_call(model, state, (torch.randn((max(batch, 2), *shape), generator=gen)
+                                                              .to(device),)), -1).mean(0) for _ in range(probes)]
     return torch.stack(probs).mean(0).cpu().double()
 
 
@@ -194,13 +197,11 @@ def summed_softmax(signal: LabelSignal, batch: int, params: LabelParams, points:
         return signal.steps * mean_softmax(signal.model, batch, params.probes, signal.image_shape, params.seed)
     start = signal.model.state_dict()
     steps = np.unique(np.linspace(0, signal.steps - 1, min(points, signal.steps)).round())
-    total = torch.zeros(())
+    total = torch.zeros((), dtype=torch.float64)
     for t in steps:
         f = float(t) / signal.steps
-        model = copy.deepcopy(signal.model)
-        model.load_state_dict({k: v + f * (signal.end_state[k].to(v) - v) if v.is_floating_point() else v
-                               for k, v in start.items()})
-        total = total + mean_softmax(model, batch, params.probes, signal.image_shape, params.seed)
+        on_path = {k: v + f * (signal.end_state[k].to(v) - v) if v.is_floating_point() else v for k, v in start.items()}
+        total = total + mean_softmax(signal.model, batch, params.probes, signal.image_shape, params.seed, on_path)
     return signal.steps * total / len(steps)
 
 
@@ -222,13 +223,13 @@ def bias_count(signal: LabelSignal, params: LabelParams) -> torch.Tensor:
     ∂L/∂b_c = p̄_c − n_c / B, so n_c = B·(p̄_c − ∂L/∂b_c), with p̄ the batch's mean softmax output, estimated by
     feeding the model random batches (:func:`mean_softmax`). Over T local steps of B (FedAvg, plain SGD) the summed
     gradient gives the counts over every step, n_c = B·(Σ_t p̄_c(θ_t) − Σ_t ∂L_t/∂b_c), with θ_t on the straight
-    path from the global to the returned weights, scaled to the K images reconstructed (epochs revisit them).
-    Rounded to K labels by largest remainders."""
+    path from the global to the returned weights. Rescaled to the K images reconstructed (epochs revisit them)
+    and rounded to K labels by largest remainders."""
     if signal.bias_grads is None or signal.image_shape is None:
         raise LabelRecoveryError("bias-count needs the classifier's bias gradient (or the FedAvg bias change)")
     b = signal.step_batch or signal.batch_size
     p_sum = summed_softmax(signal, b, params)
-    counts = b * (p_sum - signal.bias_grads.detach().cpu().double())
-    counts = round_to_total(counts * signal.batch_size / (signal.steps * b), signal.batch_size)
+    counts = b * (p_sum - signal.bias_grads.detach().cpu().double())  # over every step: epochs count images again
+    counts = round_to_total(counts, signal.batch_size)  # rescaled to the K images
     return torch.repeat_interleave(torch.arange(len(counts)), counts)
 

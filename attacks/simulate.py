@@ -130,7 +130,9 @@ class ClientSimulator:
             loss = self._loss(theta, z, y)
             return list(torch.autograd.grad(loss, list(theta.values()), create_graph=True))
         if y.shape[0] != z.shape[0]:  # one label per image, shared by its copies
-            y = y.repeat(z.shape[0] // y.shape[0], *([1] * (y.ndim - 1)))
+            if z.shape[0] != self.copies * y.shape[0]:
+                raise ValueError(f"{y.shape[0]} labels for {z.shape[0]} candidates ({self.copies} copies)")
+            y = y.repeat(self.copies, *([1] * (y.ndim - 1)))
         velocity: list[torch.Tensor] | None = None
         current = list(theta.values())
         for idx in self.schedule:
@@ -157,11 +159,11 @@ class ClientSimulator:
         if self.kind == "gradient":
             return change
         meta, steps = self.meta, self.steps
-        summed = change / meta.lr - meta.weight_decay * steps * self.params0[name]
+        summed = change / meta.lr  # Σ_s F_s·(g_s + wd·b_s), F_s the momentum factors (1 without momentum)
         if meta.momentum:
             factors = [(1 - meta.momentum ** (steps - s)) / (1 - meta.momentum) for s in range(steps)]
             summed = summed * steps / sum(factors)
-        return summed
+        return summed - meta.weight_decay * steps * self.params0[name]
 
     def label_signal_grad(self, fc_name: str) -> torch.Tensor:
         """The last FC weight gradient (FedSGD) or weight change θ₀ − θ_T (FedAvg), (num_classes, h)."""

@@ -5,8 +5,8 @@ of 4 (lr 0.05, plain SGD, the DLG LeNet as in scenarios/fedavg_unrolled_attack.t
 Attacked from the same start and budget by:
 
 * ``ggi (yin labels)``: the unrolled GGI as that scenario runs it — one set of N images replayed every epoch;
-* ``ggi (bias-count labels)``: the same with label counts;
-* ``dimitrov``: one copy per epoch tied by the order-invariant epoch prior, bias-count labels.
+* ``dimitrov (yin labels)``: one copy per epoch tied by the order-invariant epoch prior, the same labels;
+* ``dimitrov (bias-count labels, the preset)`` and ``ggi (bias-count labels)``: both with label counts.
 
 Scores: PSNR / SSIM of the N images after one-to-one pairing, label accuracy. Prints JSON rows and medians.
 
@@ -34,8 +34,9 @@ from fl_sim.scenario import DataConfig, ModelConfig  # noqa: E402
 from fl_sim.training import LocalTraining  # noqa: E402
 
 VARIANTS = {"ggi (yin labels)": ("ggi", {"labels": "yin"}),
-            "ggi (bias-count labels)": ("ggi", {"labels": "bias-count"}),
-            "dimitrov": ("dimitrov", {})}
+            "dimitrov (yin labels)": ("dimitrov", {"labels": "yin"}),
+            "dimitrov (bias-count labels, the preset)": ("dimitrov", {}),
+            "ggi (bias-count labels)": ("ggi", {"labels": "bias-count"})}
 
 
 def case(data, epochs: int, n: int, seed: int, iterations: int) -> list[dict]:

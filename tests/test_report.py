@@ -145,7 +145,7 @@ def test_failed_attack_is_shown_and_counted_not_scored(runs):
     assert "failed: FloatingPointError: loss became NaN at iteration 3" in html
     headline = pd.read_csv(root / "headline.csv").set_index("attack")
     assert headline.loc["ggi", "failed"] == headline.loc["ggi", "attacked (round × client)"] == 2
-    assert headline.loc["ggi", "recovered (SSIM ≥ 0.5)"].startswith("0 / 2")
+    assert headline.loc["ggi", "recovered (SSIM ≥ 0.5, above baseline)"].startswith("0 / 2")
     assert headline.loc["idlg", "failed"] == 0
 
 
@@ -197,7 +197,7 @@ def test_report_of_several_runs_side_by_side(runs, tmp_path, cli):
     headline = pd.read_csv(out / "headline.csv")
     assert {(r.run, r.attack) for r in headline.itertuples()} == {("one", "idlg"), ("one", "ggi"),
                                                                   ("many", "idlg"), ("many", "dlg")}
-    assert "recovered (PSNR (dB) ≥ 20)" in headline.columns
+    assert "recovered (PSNR (dB) ≥ 20, above baseline)" in headline.columns
     html = (out / "report.html").read_text()
     assert html.count("<h3>one</h3>") >= 2 and html.count("<h3>many</h3>") >= 2
 

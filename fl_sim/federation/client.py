@@ -27,6 +27,7 @@ from fl_sim.base.streams import (
     UPDATE_NOISE,
     numpy_global,
 )
+from fl_sim.data.images import ImageSet
 from fl_sim.federation.protocol import (
     EVALUATION_RECORD,
     FEATURES_RECORD,
@@ -84,25 +85,12 @@ def build_client_app(scenario: Scenario | None = None, federation: Federation | 
         plan = LocalTraining.from_record(config)
         model = fed.model()
         model.load_state_dict(global_state)
-        param_names = {n for n, _ in model.named_parameters()}
         batches = fed.batches(client, server_round, plan)
         key = (fed.scenario.seed, client, server_round)
         torch.manual_seed(CLIENT_TRAINING.seed(*key))
         defenses = build_all(scenario_now.defenses)
-        trainer = next(iter(of_stage(defenses, Stage.TRAINING)), None)
-        if trainer is not None:  # dp-sgd: the defense is the local optimisation itself
-            update, loss = trainer.local_update(model, fed.data.train, batches, plan, fed.norm, fed.device,
-                                                DP_SGD_NOISE.seed(*key))
-        else:
-            update, loss = local_update(model, fed.data.train, batches, plan, fed.norm, fed.device)
-        if defenses:
-            x, y = fed.data.train.batch(batches[0])
-            ctx = DefenseContext(global_model=lambda: _eval_copy(fed, global_state),
-                                 inputs=fed.norm.normalize(x.to(fed.device)), labels=y,
-                                 generator=torch.Generator().manual_seed(UPDATE_NOISE.seed(*key)),
-                                 protocol=plan.protocol)
-            update = defend(defenses, {k: v.cpu() for k, v in update.items()},
-                            {k: v.cpu() for k, v in global_state.items()}, param_names, ctx)
+        update, loss = defended_update(fed, defenses, model, fed.data.train, batches, plan, global_state,
+                                       DP_SGD_NOISE.seed(*key), UPDATE_NOISE.seed(*key))
         shared = None
         if scenario_now.features.share:  # pruned penultimate features of the batch under the received model
             shared = share_features(_eval_copy(fed, global_state), fed, batches[0], scenario_now.features.prune,
@@ -135,10 +123,33 @@ def build_client_app(scenario: Scenario | None = None, federation: Federation | 
     return app
 
 
+def defended_update(fed: Federation, defenses: list[Any], model: torch.nn.Module, pool: ImageSet,
+                    batches: list[np.ndarray], plan: LocalTraining, global_state: dict[str, torch.Tensor],
+                    dp_seed: int, noise_seed: int) -> tuple[dict[str, torch.Tensor], float]:
+    """What a client replies after training ``model`` (holding ``global_state``) on ``batches`` of ``pool``: its
+    update, after the training-stage (DP-SGD, seeded ``dp_seed``) and update-stage defenses (``noise_seed``), and
+    its mean loss. The message- and protocol-stage defenses are Flower mods around the reply."""
+    param_names = {n for n, _ in model.named_parameters()}
+    trainer = next(iter(of_stage(defenses, Stage.TRAINING)), None)
+    if trainer is not None:  # dp-sgd: the defense is the local optimisation itself
+        update, loss = trainer.local_update(model, pool, batches, plan, fed.norm, fed.device, dp_seed)
+    else:
+        update, loss = local_update(model, pool, batches, plan, fed.norm, fed.device)
+    if defenses:
+        x, y = pool.batch(batches[0])
+        ctx = DefenseContext(global_model=lambda: _eval_copy(fed, global_state),
+                             inputs=fed.norm.normalize(x.to(fed.device)), labels=y,
+                             generator=torch.Generator().manual_seed(noise_seed), protocol=plan.protocol)
+        update = defend(defenses, {k: v.cpu() for k, v in update.items()},
+                        {k: v.cpu() for k, v in global_state.items()}, param_names, ctx)
+    return update, loss
+
+
 def share_features(model: torch.nn.Module, fed: Federation, batch: np.ndarray, ratio: float,
-                   defenses: list[Any], generator: torch.Generator) -> SharedFeatures:
-    """Features of ``batch`` under the global model, pruned to ``ratio``, then the feature-stage defenses."""
-    x, _ = fed.data.train.batch(batch)
+                   defenses: list[Any], generator: torch.Generator, pool: ImageSet | None = None) -> SharedFeatures:
+    """Features of ``batch`` (of ``pool``, default the training split) under the global model, pruned to
+    ``ratio``, then the feature-stage defenses."""
+    x, _ = (pool or fed.data.train).batch(batch)
     with torch.no_grad():
         shared = prune(penultimate(model, fed.norm.normalize(x.to(fed.device))).cpu(), ratio)
     for defense in of_stage(defenses, Stage.FEATURES):

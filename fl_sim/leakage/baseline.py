@@ -1,26 +1,29 @@
 """Prior-only baselines: an attack re-run on an uninformative observation of the same shape and metadata.
 
-The observation keeps the global model, the client's metadata and what it shares, but its update is computed,
-exactly as the client computes it, on an unrelated batch of test-split images (never in any client's shard). Its
+The observation keeps the global model, the client's metadata and what it shares, but its update is what the
+client's own local training and defenses (training- and update-stage; :func:`defended_update`) produce on an
+unrelated batch of test-split images (never in any client's shard), with noise of its own. Its
 reconstruction, scored against the client's *real* batch, is what the attack's priors and start reach without
-the client's signal; a leakage figure means something only above it.
+the client's signal; a leakage figure means something only above it. Message-stage defenses (Flower mods such
+as LocalDpMod) act on the wire and are not replayed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from defenses import build_all
 from fl_sim.base.streams import BASELINE_BATCH
-from fl_sim.data.images import ImageSet
-from fl_sim.observation import Normalization, Observation
-from fl_sim.observation.features import penultimate, prune
-from fl_sim.training import LocalTraining, local_update
+from fl_sim.leakage.secret import first_use
+from fl_sim.observation import Observation
+from fl_sim.training import LocalTraining
 
-BASELINE = "baseline_"  # results.csv: the prior-only baseline's score of metric m is the row metric = baseline_m
-
+if TYPE_CHECKING:
+    from fl_sim.federation.setup import Federation
 
 def unrelated_batches(obs: Observation, pool_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """The client's step structure over unrelated images: N = min(steps · B, examples) distinct indices; local
@@ -36,24 +39,26 @@ def unrelated_batches(obs: Observation, pool_size: int, rng: np.random.Generator
     return [chosen[np.arange(t * b, (t + 1) * b) % n] for t in range(steps)]
 
 
-def uninformative(obs: Observation, model: torch.nn.Module, pool: ImageSet, norm: Normalization, seed: int,
-                  device: torch.device) -> tuple[Observation, torch.Tensor]:
-    """``obs`` with its update (and shared features) replaced by those of an unrelated batch from ``pool``, and
-    that batch's labels (N,) (what an oracle-label ablation is handed for it)."""
-    batches = unrelated_batches(obs, len(pool), BASELINE_BATCH.rng(seed, obs.client, obs.server_round))
+def uninformative(obs: Observation, fed: Federation) -> tuple[Observation, torch.Tensor]:
+    """``obs`` with its update (and shared features) replaced by those of an unrelated batch from the test split,
+    and that batch's labels (N,) in first-use order (what an oracle-label ablation is handed for it)."""
+    from fl_sim.federation.client import defended_update, share_features
+
+    seed, pool = fed.scenario.seed, fed.data.test
+    rng = BASELINE_BATCH.rng(seed, obs.client, obs.server_round)
+    batches = unrelated_batches(obs, len(pool), rng)
+    dp_seed, noise_seed, feature_seed = (int(s) for s in rng.integers(0, 2**31, size=3))
     meta = obs.meta
     plan = LocalTraining(meta.protocol, meta.lr, meta.batch_size, len(batches), 0, meta.optimizer, meta.momentum,
                          meta.weight_decay, meta.batchnorm)
+    defenses = build_all(fed.scenario.defenses)
+    model = fed.model()
     model.load_state_dict(obs.global_state)
+    update, _ = defended_update(fed, defenses, model, pool, batches, plan, obs.global_state, dp_seed, noise_seed)
     features = None
     if obs.features is not None:
-        x, _ = pool.batch(batches[0])
-        with torch.no_grad():
-            h = penultimate(model.eval(), norm.normalize(x.to(device))).cpu()
-        features = prune(h, obs.features.ratio)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(BASELINE_BATCH.seed(seed, obs.client, obs.server_round))
-        update, _ = local_update(model, pool, batches, plan, norm, device)
-    first_seen = list(dict.fromkeys(np.concatenate(batches).tolist()))  # the N images, in the order steps use them
-    labels = pool.batch(np.asarray(first_seen))[1]
+        model.load_state_dict(obs.global_state)
+        features = share_features(model.eval(), fed, batches[0], obs.features.ratio, defenses,
+                                  torch.Generator().manual_seed(feature_seed), pool)
+    labels = pool.batch(first_use(batches))[1]
     return dataclasses.replace(obs, update={k: v.detach().cpu() for k, v in update.items()}, features=features), labels

@@ -17,9 +17,9 @@ import torch
 from attacks import ATTACKS, ObservationAttack, Reconstruction, Target, build_attack
 from defenses import defense_label
 from fl_sim.base.atomic import atomic_path, save_tensors
-from fl_sim.leakage.baseline import BASELINE, uninformative
+from fl_sim.leakage.baseline import uninformative
 from fl_sim.leakage.grids import round_grid
-from fl_sim.leakage.scoring import Pairing, pair, score
+from fl_sim.leakage.scoring import BASELINE, Pairing, pair, score
 from fl_sim.leakage.secret import Batches, Secret, SecretLedger
 from fl_sim.observation import Observation
 from fl_sim.scenario import ComponentSpec, Scenario
@@ -84,8 +84,7 @@ class LeakageRunner:
         secure aggregate (client -1), whose update is no one client's."""
         if not self.scenario.threat_model.baseline or obs.client < 0:
             return None
-        return uninformative(obs, self.fed.model(), self.fed.data.test, self.fed.norm, self.scenario.seed,
-                             self.fed.device)
+        return uninformative(obs, self.fed)
 
     def _baseline(self, named: NamedAttack, obs: Observation, labels: torch.Tensor, gt_images: torch.Tensor,
                   gt_labels: torch.Tensor) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from fl_sim.leakage.metrics import METRICS, MetricUnavailable, label_accuracy
 
 Pairing = tuple[np.ndarray, np.ndarray]  # (reconstruction indices, ground-truth indices)
 EMPTY_BATCH = "the client's batch was empty (Poisson sampling): no private example to recover"
+BASELINE = "baseline_"  # the prior-only baseline's score of metric m is the row metric = baseline_m (leakage.baseline)
 
 
 def pair(rec: torch.Tensor, gt: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

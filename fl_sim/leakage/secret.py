@@ -31,8 +31,13 @@ class Secret:
     def examples(self, pool: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
         """Every distinct example the client used (all steps; local epochs revisit them), in the order of first
         use: images (N, C, H, W) in [0, 1], labels (N,)."""
-        used = np.concatenate(self.batches) if self.batches else np.zeros(0, dtype=np.int64)
-        return pool.batch(np.asarray(list(dict.fromkeys(used.tolist())), dtype=np.int64))
+        return pool.batch(first_use(self.batches))
+
+
+def first_use(batches: Batches) -> np.ndarray:
+    """The distinct indices of ``batches`` (one array per step), in the order they are first used."""
+    used = np.concatenate(batches) if len(batches) else np.zeros(0, dtype=np.int64)
+    return np.asarray(list(dict.fromkeys(used.tolist())), dtype=np.int64)
 
 
 class SecretLedger:

@@ -14,7 +14,7 @@ from torch import nn
 
 from fl_sim.data.images import ImageSet
 from fl_sim.federation.protocol import ObservedModel, client_metrics, observation
-from fl_sim.leakage.secret import Secret
+from fl_sim.leakage.secret import Secret, first_use
 from fl_sim.observation import Normalization, Observation
 from fl_sim.training import LocalTraining, local_update
 
@@ -28,8 +28,7 @@ def observe(model: nn.Module, pool: ImageSet, batches: list[np.ndarray], plan: L
     global_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     local = copy.deepcopy(model).to(device)
     update, loss = local_update(local, pool, batches, plan, norm, device)
-    distinct = len(np.unique(np.concatenate([np.asarray(b) for b in batches]))) if batches else 0
-    reported = client_metrics(client, batches, loss, plan, shard_size=distinct)
+    reported = client_metrics(client, batches, loss, plan, shard_size=len(first_use(tuple(batches))))
     obs = observation(server_round, global_state, {k: v.cpu() for k, v in update.items()}, reported,
                       ObservedModel.of(model, plan, norm, num_classes, pool.shape))
     return obs, Secret(server_round, client, tuple(np.asarray(b) for b in batches))

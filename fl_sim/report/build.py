@@ -165,11 +165,12 @@ def _caption(row: dict[str, Any]) -> str:
 def _headline_table(recs: pd.DataFrame, cases: pd.DataFrame, rule: RecoveryRule, rank: str | None,
                     multi: bool) -> pd.DataFrame:
     rows = []
-    for h in tables.headline(recs, rule).to_dict("records"):
+    table = tables.headline(recs, rule)
+    has_baseline = bool(table["baseline_median"].notna().any())
+    recovered = f"recovered ({rule}{', above baseline' if has_baseline else ''})"
+    for h in table.to_dict("records"):
         row = {"run": h["run"], "attack": h["attack"], "attacked (round × client)": h["attacked"],
                "failed": h["failed"]}
-        has_baseline = not _nan(h["baseline_median"])
-        recovered = f"recovered ({rule}{', above baseline' if has_baseline else ''})"
         if _nan(h["recovered"]):
             row[recovered] = f"n/a ({rule.metric} not scored)"
             row["clients recovered"] = "n/a"
@@ -179,7 +180,8 @@ def _headline_table(recs: pd.DataFrame, cases: pd.DataFrame, rule: RecoveryRule,
         if has_baseline:
             row["prior-only baseline (median, best)"] = (f"{fmt(rule.metric, h['baseline_median'])}, "
                                                          f"{fmt(rule.metric, h['baseline_extreme'])}")
-            row["margin over baseline (median)"] = f"{h['margin_median']:+.3g}"
+            row["margin over baseline (median; > 0 better)"] = (
+                "–" if _nan(h["margin_median"]) else f"{h['margin_median']:+.3g}")
         for case in ("best", "median", "worst"):
             match = cases[(cases["run"] == h["run"]) & (cases["attack"] == h["attack"]) & (cases["case"] == case)] \
                 if not cases.empty else cases

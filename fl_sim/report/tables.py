@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from fl_sim.base.errors import UserInputError
-from fl_sim.leakage.baseline import BASELINE
 from fl_sim.leakage.metrics import METRICS, SCORES
+from fl_sim.leakage.scoring import BASELINE
 
 KEYS = ["run", "round", "client", "attack"]
 
@@ -126,6 +126,13 @@ def by_round(recs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames)[columns] if frames else pd.DataFrame(columns=columns)
 
 
+def margin(recs: pd.DataFrame, score: str) -> pd.Series:
+    """How much better than its own prior-only baseline each reconstruction scores (> 0: better, whichever
+    direction ``score`` improves in)."""
+    diff = recs[score] - baseline(recs, score)
+    return diff if higher_is_better(score) else -diff
+
+
 def above_baseline(group: pd.DataFrame, score: str) -> pd.Series:
     """Whether each reconstruction's ``score`` is beyond every prior-only baseline of its run and attack (the
     baseline's whole distribution); True where no baseline ran."""
@@ -172,7 +179,7 @@ def headline(recs: pd.DataFrame, rule: RecoveryRule) -> pd.DataFrame:
             base = baseline(group, rule.metric)
             row |= {"baseline_median": float(base.median()), "baseline_extreme": float(
                         base.max() if higher_is_better(rule.metric) else base.min()),
-                    "margin_median": float((group[rule.metric] - base).median())}
+                    "margin_median": float(margin(group, rule.metric).median())}
         rows.append(row)
     columns = ["run", "attack", "attacked", "failed", "clients", "recovered", "recovered_fraction", "clients_recovered",
                "baseline_median", "baseline_extreme", "margin_median"]

@@ -247,7 +247,8 @@ class Scenario(Section):
         """What of the scenario decides an attack's capabilities (attacks.base.Setting)."""
         from attacks.base import Setting
 
-        return Setting(self.training.protocol, self.features.share)
+        t = self.training
+        return Setting(t.protocol, self.features.share, t.optimizer, t.batchnorm, t.local_steps, t.local_epochs)
 
     @property
     def granted(self) -> frozenset[Any]:
@@ -282,11 +283,12 @@ class Scenario(Section):
 
         missing = sorted(attack.capabilities(self.setting) - self.granted)
         if missing:
-            return (f"needs capability '{missing[0]}', which threat_model.knows does not grant; "
-                    f"granted: {', '.join(sorted(self.granted))}")
+            grant = "threat_model.knows" if self.threat_model.knows is not None else "the default threat model"
+            return (f"needs capabilit{'ies' if len(missing) > 1 else 'y'} {', '.join(repr(str(m)) for m in missing)}, "
+                    f"which {grant} does not grant; granted: {', '.join(sorted(self.granted))}")
         if not isinstance(attack, ObservationAttack):
             return None
-        return attack.incompatibility(structure(self.model.name), self.training.protocol, self.training.optimizer)
+        return attack.incompatibility(structure(self.model.name), self.setting)
 
     def attacked_round(self, server_round: int) -> bool:
         return self.threat_model.rounds == "all" or server_round in self.threat_model.rounds
