@@ -66,8 +66,9 @@ STREAMS = (
     NEAREST_DRAWS := Stream("nearest draws", 14, ("round",), "seed", "numpy"),  # TLDR's size-matched subsets
     GENERATOR_INIT := Stream("generator init", 15, (), "attack seed", "seed"),  # TLDR: torch (weights, dropout)
     GENERATOR_DRAWS := Stream("generator draws", 16, (), "attack seed", "seed"),  # TLDR: labels, latents, noise
-    # the unrelated test-split batch of a prior-only baseline (fl_sim.leakage.baseline), and its local training
+    # a prior-only baseline's unrelated test-split batch (fl_sim.leakage.baseline), and its defenses' noise
     BASELINE_BATCH := Stream("baseline batch", 17, ("client", "round"), "seed", "numpy"),
+    BASELINE_NOISE := Stream("baseline noise", 18, ("client", "round"), "seed", "seed"),
 )
 
 

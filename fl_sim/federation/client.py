@@ -90,7 +90,7 @@ def build_client_app(scenario: Scenario | None = None, federation: Federation | 
         torch.manual_seed(CLIENT_TRAINING.seed(*key))
         defenses = build_all(scenario_now.defenses)
         update, loss = defended_update(fed, defenses, model, fed.data.train, batches, plan, global_state,
-                                       DP_SGD_NOISE.seed(*key), UPDATE_NOISE.seed(*key))
+                                       DP_SGD_NOISE.seed(*key), torch.Generator().manual_seed(UPDATE_NOISE.seed(*key)))
         shared = None
         if scenario_now.features.share:  # pruned penultimate features of the batch under the received model
             shared = share_features(_eval_copy(fed, global_state), fed, batches[0], scenario_now.features.prune,
@@ -125,10 +125,10 @@ def build_client_app(scenario: Scenario | None = None, federation: Federation | 
 
 def defended_update(fed: Federation, defenses: list[Any], model: torch.nn.Module, pool: ImageSet,
                     batches: list[np.ndarray], plan: LocalTraining, global_state: dict[str, torch.Tensor],
-                    dp_seed: int, noise_seed: int) -> tuple[dict[str, torch.Tensor], float]:
+                    dp_seed: int, noise: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
     """What a client replies after training ``model`` (holding ``global_state``) on ``batches`` of ``pool``: its
-    update, after the training-stage (DP-SGD, seeded ``dp_seed``) and update-stage defenses (``noise_seed``), and
-    its mean loss. The message- and protocol-stage defenses are Flower mods around the reply."""
+    update, after the training-stage (DP-SGD, seeded ``dp_seed``) and update-stage defenses (drawing from
+    ``noise``), and its mean loss. The message- and protocol-stage defenses are Flower mods around the reply."""
     param_names = {n for n, _ in model.named_parameters()}
     trainer = next(iter(of_stage(defenses, Stage.TRAINING)), None)
     if trainer is not None:  # dp-sgd: the defense is the local optimisation itself
@@ -139,7 +139,7 @@ def defended_update(fed: Federation, defenses: list[Any], model: torch.nn.Module
         x, y = pool.batch(batches[0])
         ctx = DefenseContext(global_model=lambda: _eval_copy(fed, global_state),
                              inputs=fed.norm.normalize(x.to(fed.device)), labels=y,
-                             generator=torch.Generator().manual_seed(noise_seed), protocol=plan.protocol)
+                             generator=noise, protocol=plan.protocol)
         update = defend(defenses, {k: v.cpu() for k, v in update.items()},
                         {k: v.cpu() for k, v in global_state.items()}, param_names, ctx)
     return update, loss

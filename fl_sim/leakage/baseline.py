@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from defenses import build_all
-from fl_sim.base.streams import BASELINE_BATCH
+from fl_sim.base.streams import BASELINE_BATCH, BASELINE_NOISE
 from fl_sim.leakage.secret import first_use
 from fl_sim.observation import Observation
 from fl_sim.training import LocalTraining
@@ -47,18 +47,20 @@ def uninformative(obs: Observation, fed: Federation) -> tuple[Observation, torch
     seed, pool = fed.scenario.seed, fed.data.test
     rng = BASELINE_BATCH.rng(seed, obs.client, obs.server_round)
     batches = unrelated_batches(obs, len(pool), rng)
-    dp_seed, noise_seed, feature_seed = (int(s) for s in rng.integers(0, 2**31, size=3))
+    noise_seed = BASELINE_NOISE.seed(seed, obs.client, obs.server_round)
     meta = obs.meta
     plan = LocalTraining(meta.protocol, meta.lr, meta.batch_size, len(batches), 0, meta.optimizer, meta.momentum,
                          meta.weight_decay, meta.batchnorm)
     defenses = build_all(fed.scenario.defenses)
     model = fed.model()
     model.load_state_dict(obs.global_state)
-    update, _ = defended_update(fed, defenses, model, pool, batches, plan, obs.global_state, dp_seed, noise_seed)
+    update, _ = defended_update(fed, defenses, model, pool, batches, plan, obs.global_state, noise_seed,
+                                torch.Generator().manual_seed(BASELINE_NOISE.seed(seed, obs.client, obs.server_round)))
     features = None
     if obs.features is not None:
         model.load_state_dict(obs.global_state)
         features = share_features(model.eval(), fed, batches[0], obs.features.ratio, defenses,
-                                  torch.Generator().manual_seed(feature_seed), pool)
+                                  torch.Generator().manual_seed(BASELINE_NOISE.seed(seed, obs.client,
+                                                                                    obs.server_round)), pool)
     labels = pool.batch(first_use(batches))[1]
     return dataclasses.replace(obs, update={k: v.detach().cpu() for k, v in update.items()}, features=features), labels
