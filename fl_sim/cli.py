@@ -316,7 +316,8 @@ def compare(scenario: Path, overrides: tuple[str, ...], out: Path | None, engine
         loaded = with_engine(loaded, engine)
     if len(settings(loaded)) < 2:
         raise UserInputError("scenario key 'compare.defenses': nothing to compare; add [[compare.defenses]] entries, "
-                             "e.g. {name = 'dp', sigma = [0.001, 0.01]}")
+                             "e.g. {name = 'dp', sigma = [0.001, 0.01]}, or [compare.grid] keys, e.g. "
+                             "\"training.batch_size\" = [1, 4]")
     if out is None:
         out = Path(loaded.output.dir) / f"{loaded.name}-compare-{datetime.now():%Y%m%d-%H%M%S}"
     layout = ComparisonLayout(out)
@@ -340,7 +341,8 @@ def compare(scenario: Path, overrides: tuple[str, ...], out: Path | None, engine
         click.echo(f"setting {folder.name}", err=True)
         with run_log(store.root):
             execute(store.scenario(), store, run_engine)
-    click.echo(f"comparison: {build_comparison(out, folders, loaded.name, loaded.compare.metric)}")
+    report = build_comparison(out, folders, loaded.name, loaded.compare.metric, list(loaded.compare.grid))
+    click.echo(f"comparison: {report}")
 
 
 @cli.command(name="list")

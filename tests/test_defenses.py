@@ -253,6 +253,13 @@ def test_labels_and_grids():
     ([], {"defenses": [{"name": "dp", "sigma": [0.1, -0.1]}]}, "scenario key 'compare.defenses.0.sigma': Input"),
     ([], {"defenses": [{"name": "soterai"}]}, "scenario key 'compare.defenses.0.name': unknown defense 'soterai'"),
     ([], {"metric": "accuracy"}, "scenario key 'compare.metric': unknown metric 'accuracy'; choose one of:"),
+    ([], {"grid": {"training.batch_sizee": [1, 2]}},
+     "scenario key 'compare.grid.\"training.batch_sizee\"': unknown key 'training.batch_sizee' (did you mean "
+     "'training.batch_size'?)"),
+    ([], {"grid": {"federation": [1, 2]}}, "'federation' is a section; name a key in it"),
+    ([], {"grid": {"output.dir": ["a", "b"]}}, "scenario key 'compare.grid.\"output.dir\"': cannot be swept"),
+    ([], {"grid": {"training.batch_size": [1, 0]}}, "scenario key 'training.batch_size': Input should be greater "
+                                                    "than or equal to 1"),
 ])
 def test_bad_defense_settings_exit_2_with_one_line(tmp_path, write_scenario, cli, defenses, compare, message):
     raw = tiny(defenses=defenses, output={"dir": str(tmp_path / "runs")})
@@ -266,6 +273,24 @@ def test_bad_defense_settings_exit_2_with_one_line(tmp_path, write_scenario, cli
 def test_compare_needs_settings(tmp_path, write_scenario, cli):
     code, _, err = cli("compare", write_scenario(tiny()), "--out", tmp_path / "cmp")
     assert code == 2 and "nothing to compare" in err and not (tmp_path / "cmp").exists()
+
+
+def test_compare_sweeps_any_scenario_key_with_equal_seeds(tmp_path, write_scenario, cli):
+    raw = tiny(name="sweep", federation={"num_clients": 3, "clients_per_round": 2, "rounds": 2},
+               attacks=[{"name": "idlg", "iterations": 3}], metrics=["psnr", "ssim", "mse"])
+    raw["compare"] = {"grid": {"training.batch_size": [1, 2], "threat_model.rounds": [[1], [2]]}}
+    code, out, err = cli("compare", write_scenario(raw), "--out", tmp_path / "cmp")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert sorted(zip(table["training.batch_size"], table["threat_model.rounds"])) == [
+        (1, "[1]"), (1, "[2]"), (2, "[1]"), (2, "[2]")]  # every combination, as its own setting
+    assert "none · training.batch_size=1, threat_model.rounds=[1]" in set(table["setting"])
+    runs = sorted((tmp_path / "cmp" / "runs").iterdir())
+    assert len({tuple(pd.read_csv(r / "metrics.csv")["clients"]) for r in runs}) == 1  # same seeds, same clients
+    assert [sorted(set(pd.read_csv(r / "results.csv")["round"])) for r in runs] == [[1], [2], [1], [2]]
+    for key in ("training-batch_size", "threat_model-rounds"):
+        assert (tmp_path / "cmp" / "comparison-files" / f"by-{key}.png").is_file()
+    assert "Leakage against each swept scenario key" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
 # --- the comparison: DLG on the DLG LeNet under noise and pruning ------------------------------------------

@@ -17,7 +17,6 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from defenses import defense_label
 from fl_sim.base.atomic import write_text
 from fl_sim.leakage.grids import grid_image, load_round
 from fl_sim.leakage.metrics import SCORES
@@ -35,21 +34,35 @@ MARKERS = "osD^v<>p*hX"
 @dataclass(frozen=True)
 class Setting:
     run: RunData
-    label: str  # "none", "dp(sigma=0.01)", ...
+    label: str  # "none", "dp(sigma=0.01)", "none · training.batch_size=4", ...
     kind: str  # the (first) defense's name, or "none"
     epsilon: float | None  # the worst client's ε against the curious server (the run's privacy.csv)
+    values: tuple[tuple[str, Any], ...] = ()  # the swept keys' values in this setting (compare.grid)
 
 
-def load_setting(root: Path) -> Setting:
+def load_setting(root: Path, keys: list[str] | None = None) -> Setting:
+    """A setting's run folder; ``keys``: the swept scenario keys, read back from its resolved scenario."""
+    from fl_sim.scenario.comparison import CompareSetting
+
     run = load_run(root)
     specs = run.scenario.defenses
-    return Setting(run, defense_label(specs), specs[0].name if specs else "none", run.worst_epsilon())
+    values = tuple((k, scenario_value(run.scenario.to_toml_dict(), k)) for k in keys or [])
+    return Setting(run, CompareSetting(list(specs), values).label, specs[0].name if specs else "none",
+                   run.worst_epsilon(), values)
+
+
+def scenario_value(raw: dict[str, Any], key: str) -> Any:
+    """The value of a dotted key in a resolved scenario (None if unset)."""
+    node: Any = raw
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def comparison_table(settings: list[Setting], rule: RecoveryRule) -> pd.DataFrame:
-    """One row per (setting, attack): score means/stds, recovered fraction, final accuracy and its drop, ε."""
-    baseline = next((s for s in settings if s.label == "none"), None)
-    base_acc = _final_acc(baseline.run) if baseline else math.nan
+    """One row per (setting, attack): the swept keys' values, score means/stds, recovered fraction, final accuracy
+    and its drop against the no-defense setting with the same swept values, ε."""
+    none_acc = {_key(s): _final_acc(s.run) for s in settings if s.kind == "none"}
     rows = []
     for s in settings:
         recs = tables.reconstructions(s.run.results)
@@ -57,7 +70,9 @@ def comparison_table(settings: list[Setting], rule: RecoveryRule) -> pd.DataFram
         acc = _final_acc(s.run)
         for attack, group in recs.groupby("attack") if not recs.empty else []:
             row: dict[str, Any] = {"setting": s.label, "defense": s.kind, "attack": attack,
-                                   "epsilon": s.epsilon, "final_test_acc": acc, "acc_drop": base_acc - acc,
+                                   **{key: _cell_value(v) for key, v in s.values},
+                                   "epsilon": s.epsilon, "final_test_acc": acc,
+                                   "acc_drop": none_acc.get(_key(s), math.nan) - acc,
                                    "reconstructions": len(group), "failed": int(group["failed"].sum()),
                                    "recovered_fraction": head.loc[attack, "recovered_fraction"]}
             for score in SCORES:
@@ -65,6 +80,40 @@ def comparison_table(settings: list[Setting], rule: RecoveryRule) -> pd.DataFram
                 row[f"{score}_std"] = group[score].std()
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _key(s: Setting) -> tuple[tuple[str, Any], ...]:
+    """The setting's swept values, hashable (its no-defense counterpart has the same)."""
+    return tuple((k, _cell_value(v)) for k, v in s.values)
+
+
+def _cell_value(value: Any) -> Any:
+    """A swept value as a table cell (lists, e.g. threat_model.rounds, as their text)."""
+    from fl_sim.scenario.comparison import value_text
+
+    return value_text(value) if isinstance(value, list) else value
+
+
+def key_panels(table: pd.DataFrame, key: str, colors: dict[str, str]) -> bytes:
+    """MSE, SSIM, PSNR and the recovered fraction against one swept key: per attack and defense, the mean over
+    the settings with that value (the other keys averaged), mean ± std of the settings' means."""
+    values = list(dict.fromkeys(table[key]))
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    position = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), layout="constrained")
+    for ax, score in zip(axes, ("mse_mean", "ssim_mean", "psnr_mean", "recovered_fraction"), strict=True):
+        for (attack, defense), rows in table.groupby(["attack", "defense"]):
+            line = rows.groupby(key, sort=False)[score].agg(["mean", "std"]).reindex(values).dropna(how="all")
+            ax.errorbar([position[v] for v in line.index], line["mean"], yerr=line["std"], marker="o", ms=4,
+                        capsize=3, color=colors[attack], ls="-" if defense == "none" else "--",
+                        label=f"{attack}, {defense}")
+        ax.set_xlabel(key)
+        ax.set_ylabel(label(score.removesuffix("_mean")) if score != "recovered_fraction" else "recovered fraction")
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, title="attack, defense", title_fontsize=7)
+    return png(fig)
 
 
 def _final_acc(run: RunData) -> float:
@@ -152,12 +201,13 @@ def setting_grids(settings: list[Setting], attacks: list[str], files: str, pairs
     return pictures
 
 
-def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "ssim",
+def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "ssim", keys: list[str] | None = None,
                      rule: RecoveryRule = tables.DEFAULT_RULE) -> Path:
-    """comparison.html / .md / .csv in ``out`` from the setting run folders; returns the HTML path."""
+    """comparison.html / .md / .csv in ``out`` from the setting run folders (``keys``: the swept scenario keys);
+    returns the HTML path."""
     layout = ComparisonLayout(Path(out))
     files = layout.FIGURES
-    settings = [load_setting(d) for d in run_dirs]
+    settings = [load_setting(d, keys) for d in run_dirs]
     table = comparison_table(settings, rule)
     attacks = sorted(set(table["attack"])) if not table.empty else []
     colors = attack_colors(attacks)
@@ -168,17 +218,21 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
     sweep_picture = None if sweep is None or table.empty else Picture(
         f"{files}/sweep.png", sweep_plot(table, sweep, colors),
         f"MSE, SSIM and PSNR against {sweep[0]} {sweep[1]} (mean ± std over the reconstructions)")
+    panels = [Picture(f"{files}/by-{_slug(key)}.png", key_panels(table, key, colors),
+                      f"MSE, SSIM, PSNR and the recovered fraction against {key} (solid: no defense)")
+              for key in keys or [] if not table.empty and table[key].nunique() > 1]
     unavailable = tables.unavailable(pd.concat([s.run.results for s in settings]))
     context = {
         "title": f"fl-sim defense comparison: {name}",
         "settings": settings, "colors": colors, "plot": plot, "grids": grids, "rule": str(rule), "sweep": sweep_picture,
+        "panels": panels,
         "metric": label(metric), "summary": _display(table, rule, unavailable),
         "unavailable": {label(k): v for k, v in unavailable.items()},
         "provenance": {label(k): v for k, v in tables.provenance(pd.concat([s.run.results for s in settings])).items()},
         "links": [(s.label, RunLayout(s.run.root).report.html.relative_to(out).as_posix()) for s in settings],
     }
     (layout.root / files).mkdir(parents=True, exist_ok=True)
-    for picture in [plot, *grids, *([sweep_picture] if sweep_picture else [])]:
+    for picture in [plot, *grids, *panels, *([sweep_picture] if sweep_picture else [])]:
         (layout.root / picture.file).write_bytes(picture.png)
     table.to_csv(layout.table, index=False)
     write_text(layout.markdown, render_markdown(context, "comparison.md.j2"))
@@ -201,3 +255,7 @@ def _display(table: pd.DataFrame, rule: RecoveryRule, unavailable: dict[str, str
     frame["final test accuracy (%)"] = [f"{100 * a:.1f}" for a in table["final_test_acc"]]
     frame["drop vs none (pp)"] = ["–" if math.isnan(d) else f"{100 * d:+.1f}" for d in table["acc_drop"]]
     return frame
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)

@@ -179,6 +179,22 @@ class CompareConfig(Section):
         [], description="defenses to compare; a list-valued parameter is a grid, e.g. {name = 'dp', sigma = [0, 0.1]}")
     metric: Annotated[str, registered("metric")] = Field(
         "ssim", description="the leakage axis of the privacy–utility plot (any score)")
+    grid: dict[str, list[Any]] = Field(
+        {}, description="scenario keys to sweep, crossed with each other and the defense settings, e.g. "
+                        "{'training.batch_size' = [1, 4, 16]}")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_keys(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if key.split(".")[0] in GRID_EXCLUDED:
+                raise ValueError(f"scenario key 'compare.grid.\"{key}\"': cannot be swept; allowed: keys of "
+                                 f"{', '.join(sorted(set(SWEEPABLE) - set(GRID_EXCLUDED)))} (defenses: "
+                                 "compare.defenses)")
+            if not values:
+                raise ValueError(f"scenario key 'compare.grid.\"{key}\"': give at least one value")
+            _sweepable_key(key)
+        return v
 
 class Scenario(Section):
     name: str = "scenario"
@@ -301,6 +317,34 @@ class Scenario(Section):
     def to_toml_dict(self) -> dict[str, Any]:
         """The resolved scenario as plain data (None values dropped: TOML has no null)."""
         return _drop_none(self.model_dump(mode="json"))
+
+
+SWEEPABLE = ("seed", "device", "engine", "federation", "training", "data", "model", "features", "threat_model")
+GRID_EXCLUDED = ("name", "output", "compare", "attacks", "defenses", "metrics")
+
+
+def _sweepable_key(key: str) -> None:
+    """A dotted scenario key that names one value (ValueError naming the closest key otherwise)."""
+    model: type[BaseModel] = Scenario
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        where = ".".join(parts[: i + 1])
+        if part not in fields:
+            allowed = sorted(fields) if i else sorted(SWEEPABLE)
+            hint = difflib.get_close_matches(part, allowed, n=1)
+            prefix = ".".join(parts[:i]) + "." if i else ""
+            raise ValueError(f"scenario key 'compare.grid.\"{key}\"': unknown key '{where}'"
+                             + (f" (did you mean '{prefix}{hint[0]}'?)" if hint else "")
+                             + f"; allowed: {', '.join(allowed)}")
+        annotation = fields[part].annotation
+        section = annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+        if i < len(parts) - 1:
+            if section is None:
+                raise ValueError(f"scenario key 'compare.grid.\"{key}\"': '{where}' is a value, not a section")
+            model = section
+        elif section is not None:
+            raise ValueError(f"scenario key 'compare.grid.\"{key}\"': '{where}' is a section; name a key in it")
 
 
 def _image_metrics() -> tuple[str, ...]:
