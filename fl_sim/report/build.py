@@ -17,7 +17,7 @@ from defenses import ADVERSARY
 from fl_sim.base.atomic import write_text
 from fl_sim.leakage.metrics import METRICS, SCORES
 from fl_sim.report import tables
-from fl_sim.report.images import Picture, RoundImages, round_images, truth_and_reconstruction
+from fl_sim.report.images import Picture, RoundImages, file_slug, round_images, truth_and_reconstruction
 from fl_sim.report.inversion import InversionBlock, inversion_blocks
 from fl_sim.report.plots import attack_colors, leakage_over_rounds
 from fl_sim.report.render import render_html, render_markdown
@@ -122,7 +122,7 @@ def _unique_names(runs: list[RunData]) -> list[RunData]:
 
 def _section(run: RunData, recs: pd.DataFrame, cases: pd.DataFrame, rank: str | None, multi: bool) -> RunSection:
     section = RunSection(run, timing_facts(run, recs) + scenario_facts(run.scenario))
-    prefix = f"{FILES}/{_slug(run.name)}-" if multi else f"{FILES}/"
+    prefix = f"{FILES}/{file_slug(run.name)}-" if multi else f"{FILES}/"
     section.round_attacks = {r: sorted(set(g["attack"])) for r, g in recs.groupby("round")}
     for row in recs.itertuples(index=False):
         key = (row.round, row.attack, row.client)
@@ -322,6 +322,3 @@ def _nan(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
 
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)

@@ -21,7 +21,7 @@ from fl_sim.base.atomic import write_text
 from fl_sim.leakage.grids import grid_image, load_round
 from fl_sim.leakage.metrics import SCORES
 from fl_sim.report import tables
-from fl_sim.report.images import Picture
+from fl_sim.report.images import Picture, file_slug
 from fl_sim.report.plots import attack_colors, png
 from fl_sim.report.render import render_html, render_markdown
 from fl_sim.report.runs import RunData, load_run
@@ -218,7 +218,7 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
     sweep_picture = None if sweep is None or table.empty else Picture(
         f"{files}/sweep.png", sweep_plot(table, sweep, colors),
         f"MSE, SSIM and PSNR against {sweep[0]} {sweep[1]} (mean ± std over the reconstructions)")
-    panels = [Picture(f"{files}/by-{_slug(key)}.png", key_panels(table, key, colors),
+    panels = [Picture(f"{files}/by-{file_slug(key)}.png", key_panels(table, key, colors),
                       f"MSE, SSIM, PSNR and the recovered fraction against {key} (solid: no defense)")
               for key in keys or [] if not table.empty and table[key].nunique() > 1]
     unavailable = tables.unavailable(pd.concat([s.run.results for s in settings]))
@@ -256,6 +256,3 @@ def _display(table: pd.DataFrame, rule: RecoveryRule, unavailable: dict[str, str
     frame["drop vs none (pp)"] = ["–" if math.isnan(d) else f"{100 * d:+.1f}" for d in table["acc_drop"]]
     return frame
 
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)

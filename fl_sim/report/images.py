@@ -77,3 +77,8 @@ def round_images(run_root: Path, server_round: int, prefix: str) -> RoundImages 
 def _strip(images: torch.Tensor, file: str, alt: str) -> Picture:
     """(B, C, H, W) in [0, 1] → one row, upscaled to at least 48 px."""
     return Picture.of(grid_image([images], min_side=48), file, alt)
+
+
+def file_slug(text: str) -> str:
+    """``text`` as part of a file name: letters, digits, - and _ kept, anything else a -."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)

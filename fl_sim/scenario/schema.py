@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from fl_sim.base.errors import UserInputError
 from fl_sim.base.registry import Registry, UnknownNameError
 
 
@@ -189,7 +190,7 @@ class CompareConfig(Section):
         for key, values in v.items():
             if key.split(".")[0] in GRID_EXCLUDED:
                 raise ValueError(f"scenario key 'compare.grid.\"{key}\"': cannot be swept; allowed: keys of "
-                                 f"{', '.join(sorted(set(SWEEPABLE) - set(GRID_EXCLUDED)))} (defenses: "
+                                 f"{', '.join(SWEEPABLE)} (defenses: "
                                  "compare.defenses)")
             if not values:
                 raise ValueError(f"scenario key 'compare.grid.\"{key}\"': give at least one value")
@@ -325,26 +326,28 @@ GRID_EXCLUDED = ("name", "output", "compare", "attacks", "defenses", "metrics")
 
 def _sweepable_key(key: str) -> None:
     """A dotted scenario key that names one value (ValueError naming the closest key otherwise)."""
-    model: type[BaseModel] = Scenario
+    from fl_sim.scenario.loading import check_keys
+
     parts = key.split(".")
+    nested: dict[str, Any] = {}
+    node = nested
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = None
+    try:
+        check_keys(nested, Scenario, "")  # unknown names, with the closest one, exactly as in a scenario file
+    except UserInputError as err:
+        raise ValueError(f"scenario key 'compare.grid.\"{key}\"': {err}") from None
+    model: type[BaseModel] = Scenario
     for i, part in enumerate(parts):
-        fields = model.model_fields
-        where = ".".join(parts[: i + 1])
-        if part not in fields:
-            allowed = sorted(fields) if i else sorted(SWEEPABLE)
-            hint = difflib.get_close_matches(part, allowed, n=1)
-            prefix = ".".join(parts[:i]) + "." if i else ""
-            raise ValueError(f"scenario key 'compare.grid.\"{key}\"': unknown key '{where}'"
-                             + (f" (did you mean '{prefix}{hint[0]}'?)" if hint else "")
-                             + f"; allowed: {', '.join(allowed)}")
-        annotation = fields[part].annotation
+        annotation = model.model_fields[part].annotation
         section = annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
-        if i < len(parts) - 1:
-            if section is None:
-                raise ValueError(f"scenario key 'compare.grid.\"{key}\"': '{where}' is a value, not a section")
-            model = section
-        elif section is not None:
+        where = ".".join(parts[: i + 1])
+        if i < len(parts) - 1 and section is None:
+            raise ValueError(f"scenario key 'compare.grid.\"{key}\"': '{where}' is a value, not a section")
+        if i == len(parts) - 1 and section is not None:
             raise ValueError(f"scenario key 'compare.grid.\"{key}\"': '{where}' is a section; name a key in it")
+        model = section or model
 
 
 def _image_metrics() -> tuple[str, ...]:
