@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from fl_sim.scenario.schema import ComponentSpec, Scenario
 
 ORACLE = "oracle labels"
@@ -30,10 +28,11 @@ class Assumptions:
 def assumptions(scenario: Scenario, specs: list[ComponentSpec] | None = None) -> list[Assumptions]:
     """One entry per attack of the scenario (or ``specs``), in order."""
     from attacks import ObservationAttack, build_attack
+    from attacks.bn_buffers import batchnorm_layers
     from fl_sim.models import structure
     from fl_sim.observation.capabilities import CAPABILITIES
 
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in structure(scenario.model.name).modules())
+    has_bn = bool(batchnorm_layers(structure(scenario.model.name)))
     untrained = not scenario.model.pretrained and scenario.model.weights is None
     out = []
     for spec in scenario.attacks if specs is None else specs:
