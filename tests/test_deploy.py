@@ -51,7 +51,7 @@ def test_a_loopback_deployment_observes_and_scores_what_the_inprocess_engine_doe
         for name in obs.update:  # bit-identical: replies are aggregated in client order, whatever the transport
             assert torch.equal(other.update[name], obs.update[name])
             assert torch.equal(other.global_state[name], obs.global_state[name])
-    columns = ["round", "client", "attack", "metric"]
+    columns = ["round", "client", "attack", "metric", "image"]
     a, b = (pd.read_csv(root / "results.csv").query("metric != 'seconds'").sort_values(columns).reset_index(drop=True)
             for root in (folder, store.root))
     pd.testing.assert_frame_equal(a[columns], b[columns])

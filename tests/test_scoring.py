@@ -189,6 +189,24 @@ def test_pairing_is_one_to_one(images):
     assert next(r for r in rows if r["metric"] == "psnr")["value"] == np.inf  # perfect once paired
 
 
+def test_each_ground_truth_image_gets_its_own_row_failed_and_unpaired_ones_nan(images):
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    noisy = (images[perm] + 0.1 * torch.arange(6).view(6, 1, 1, 1) * torch.rand_like(images)).clamp(0, 1)
+    rows = score(Reconstruction(noisy, None, ""), images, torch.zeros(6), ["mse"])
+    per = {r["image"]: r["value"] for r in rows if "image" in r}
+    batch = next(r["value"] for r in rows if r["metric"] == "mse" and "image" not in r)
+    # image i's row is skimage's MSE of i against the reconstruction it was paired with
+    for i in range(6):
+        paired = noisy[(perm == i).nonzero()[0, 0]]
+        assert per[i] == pytest.approx(mean_squared_error(images[i].numpy(), paired.numpy()))
+    assert batch == pytest.approx(np.mean(list(per.values())))
+    fewer = score(Reconstruction(noisy[:4], None, ""), images, torch.zeros(6), ["mse"])
+    values = [r["value"] for r in fewer if "image" in r]
+    assert len(values) == 6 and sum(np.isnan(values)) == 2  # two ground-truth images were left unpaired
+    failed = score(Reconstruction(noisy[:0], None, "", failure="diverged"), images, torch.zeros(6), ["mse"])
+    assert [r["note"] for r in failed if "image" in r] == ["diverged"] * 6
+
+
 def test_label_accuracy_is_a_multiset_overlap():
     assert label_accuracy(torch.tensor([1, 1, 2]), torch.tensor([2, 1, 1])) == 1.0
     assert label_accuracy(torch.tensor([1, 1, 1]), torch.tensor([2, 1, 1])) == pytest.approx(2 / 3)

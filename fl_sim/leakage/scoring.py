@@ -14,6 +14,7 @@ from fl_sim.leakage.metrics import METRICS, MetricUnavailable, label_accuracy
 
 Pairing = tuple[np.ndarray, np.ndarray]  # (reconstruction indices, ground-truth indices)
 EMPTY_BATCH = "the client's batch was empty (Poisson sampling): no private example to recover"
+UNPAIRED = "no reconstructed image was paired with this one (the attack returned fewer images)"
 BASELINE = "baseline_"  # the prior-only baseline's score of metric m is the row metric = baseline_m (leakage.baseline)
 
 
@@ -35,15 +36,25 @@ def score(rec: Reconstruction, gt_images: torch.Tensor, gt_labels: torch.Tensor,
     if rec.labels is not None:
         rows.append({"metric": "label_acc", "value": label_accuracy(rec.labels, gt_labels), "note": ""})
     if rec.failure is not None:
-        return rows
+        return rows + [row for name in metrics for row in per_image(name, {}, len(gt_images), "", rec.failure)]
     ri, gi = pairing if pairing is not None else pair(rec.images, gt_images)
     rec_p, gt_p = rec.images[ri], gt_images[gi]
     for name in metrics:
         metric = METRICS.get(name)
         try:
-            value = float(metric.fn(rec_p, gt_p).mean())
+            values = np.asarray(metric.fn(rec_p, gt_p), dtype=float)
             note = metric.provenance(gt_p) if metric.provenance is not None else ""
         except MetricUnavailable as err:
-            value, note = math.nan, f"unavailable: {err}"
-        rows.append({"metric": name, "value": value, "note": note})
+            rows.append({"metric": name, "value": math.nan, "note": f"unavailable: {err}"})
+            continue
+        rows.append({"metric": name, "value": float(values.mean()), "note": note})
+        rows += per_image(name, dict(zip(gi.tolist(), values.tolist(), strict=True)), len(gt_images), note)
     return rows
+
+
+def per_image(metric: str, values: dict[int, float], count: int, note: str, missing: str = UNPAIRED
+              ) -> list[dict[str, Any]]:
+    """One row per ground-truth image (``image`` = its index in the Secret's batch): its paired reconstruction's
+    score, NaN (note ``missing``) for an image no reconstruction was paired with."""
+    return [{"metric": metric, "value": values.get(i, math.nan), "note": note if i in values else missing,
+             "image": i} for i in range(count)]

@@ -1,7 +1,8 @@
 """Queries over tidy leakage rows: one row per reconstruction, per-round statistics, the headline.
 
 A *reconstruction* is one attack on one client in one round (a whole batch, scored as the mean over
-its one-to-one paired images). Rows of every table carry the run name, so several runs stack.
+its one-to-one paired images); :func:`images` has each of its ground-truth images with its own scores. Rows
+of every table carry the run name, so several runs stack.
 """
 
 from __future__ import annotations
@@ -74,8 +75,14 @@ DEFAULT_RULE_WHY = (
     "fl-sim report --recovered, e.g. 'psnr>=20' or 'avd<=0.3'.")
 
 
+def batch_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows of whole reconstructions (their batch means), without the per-image rows."""
+    return results[results["image"].isna()] if "image" in results else results
+
+
 def reconstructions(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, round, client, attack): a column per score, ``failed`` (bool) and ``failure`` (reason)."""
+    results = batch_rows(results)
     if results.empty:
         return pd.DataFrame(columns=[*KEYS, "failed", "failure", *SCORES])
     wide = results.groupby([*KEYS, "metric"])["value"].mean().unstack("metric").reset_index()
@@ -184,3 +191,31 @@ def headline(recs: pd.DataFrame, rule: RecoveryRule) -> pd.DataFrame:
     columns = ["run", "attack", "attacked", "failed", "clients", "recovered", "recovered_fraction", "clients_recovered",
                "baseline_median", "baseline_extreme", "margin_median"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def images(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, round, client, attack, image): that ground-truth image's scores and its prior-only
+    baselines' (``baseline_<score>``), NaN where its attack failed or paired no image with it. Empty for runs
+    written before per-image rows existed."""
+    rows = results[results["image"].notna()] if "image" in results else results.iloc[:0]
+    if rows.empty:
+        return pd.DataFrame(columns=[*KEYS, "image"])
+    rows = rows.assign(image=rows["image"].astype(int))
+    return (rows.groupby([*KEYS, "image", "metric"])["value"].mean().unstack("metric").reset_index()
+            .sort_values([*KEYS, "image"]).reset_index(drop=True))
+
+
+def image_success(imgs: pd.DataFrame, rule: RecoveryRule, baseline_rows: bool = False) -> pd.Series:
+    """Whether ``rule`` holds for each image's score (``baseline_rows``: for its prior-only baseline's score
+    instead); NaN scores (failed, unpaired) do not."""
+    column = f"{BASELINE}{rule.metric}" if baseline_rows else rule.metric
+    return rule.holds(imgs[column]) if column in imgs else pd.Series(False, index=imgs.index)
+
+
+def images_recovered(imgs: pd.DataFrame, rule: RecoveryRule) -> pd.Series:
+    """The headline's "recovered" per image: the rule holds and the image's score is beyond every prior-only
+    baseline image score of its run and attack."""
+    ok = pd.Series(False, index=imgs.index)
+    for _, group in imgs.groupby(["run", "attack"]):
+        ok[group.index] = image_success(group, rule) & above_baseline(group, rule.metric)
+    return ok

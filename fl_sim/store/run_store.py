@@ -6,7 +6,8 @@ Where each file lives is :class:`fl_sim.store.layout.RunLayout`'s; what the stor
   run.json           status, start / end time, last finished round, layout version, and what later stages
                      need from the federation (class names, ε of the defenses)
   metrics.csv        per round: test accuracy/loss, train loss, client evaluation, participants, timings
-  results.csv        tidy leakage rows: run, round, client, attack, defense, metric, value, label_strategy, note
+  results.csv        tidy leakage rows: run, round, client, attack, defense, metric, value, label_strategy, note,
+                     image (empty: the batch's mean; else that ground-truth image's own score)
   inversion.csv      model attacks (TLDR): run, round, attack, class, metric, value, note
   privacy.csv        runs with a DP defense: each client's (ε, δ) against the curious server so far
   observations/      what the server saw, per round and client
@@ -35,10 +36,10 @@ from fl_sim.scenario import Scenario, load_scenario
 from fl_sim.store.layout import LAYOUT_VERSION, RunLayout, round_of
 from fl_sim.store.observations import save_global_state, save_observation
 
-RESULT_COLUMNS = ["run", "round", "client", "attack", "defense", "metric", "value", "label_strategy", "note"]
+RESULT_COLUMNS = ["run", "round", "client", "attack", "defense", "metric", "value", "label_strategy", "note", "image"]
 INVERSION_COLUMNS = ["run", "round", "attack", "class", "metric", "value", "note"]
 PRIVACY_COLUMNS = ["client", "defense", "participations", "epsilon", "delta", "level", "adjacency", "adversary",
-                   "accountant"]
+                   "accountant", "steps_per_round", "batch_rate"]  # the last two: the rest of defenses.Releases
 METRIC_COLUMNS = ["round", "test_loss", "test_acc", "train_loss", "eval_loss", "eval_acc", "clients", "failures",
                   "round_seconds", "record_seconds"]
 
@@ -172,9 +173,11 @@ class RunStore:
             writer.writerows({"run": self.name} | row for row in rows)
 
     def append_results(self, rows: list[dict[str, Any]]) -> None:
+        """Rows → results.csv, in the columns of its header (a run resumed from an older fl-sim keeps its own)."""
+        with open(self.layout.results, newline="") as f:
+            columns = next(csv.reader(f), RESULT_COLUMNS)
         with open(self.layout.results, "a", newline="") as f:
-            csv.DictWriter(f, RESULT_COLUMNS, extrasaction="ignore").writerows(
-                {"run": self.name} | row for row in rows)
+            csv.DictWriter(f, columns, extrasaction="ignore").writerows({"run": self.name} | row for row in rows)
 
 
 def _keep_rounds(path: Path, last: int) -> None:
