@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -332,6 +332,9 @@ def compare(scenario: Path, overrides: tuple[str, ...], out: Path | None, engine
         folders.append(folder)
         if RunLayout(folder).state.is_file():
             store = RunStore.open(folder)
+            if (changed := _changed_key(store.scenario(), setting)) is not None:
+                raise UserInputError(f"--out '{out}': setting {folder.name} ran with another scenario ({changed} "
+                                     "differs); choose a new folder to compare this one")
             if store.status == "finished":
                 log.info("%s: finished earlier, kept", folder.name)
                 continue
@@ -343,6 +346,17 @@ def compare(scenario: Path, overrides: tuple[str, ...], out: Path | None, engine
             execute(store.scenario(), store, run_engine)
     report = build_comparison(out, folders, loaded.name, loaded.compare.metric, list(loaded.compare.grid))
     click.echo(f"comparison: {report}")
+
+
+def _changed_key(ran: Any, planned: Any) -> str | None:
+    """The first dotted key whose value differs between two resolved scenarios (``output`` aside), or None."""
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = (flat({k: v for k, v in sc.to_toml_dict().items() if k != "output"}) for sc in (ran, planned))
+    return next((k.rstrip(".") for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)), None)
 
 
 @cli.command(name="list")
