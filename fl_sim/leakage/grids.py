@@ -12,7 +12,10 @@ from fl_sim.store.layout import RunLayout
 
 
 def grid_image(rows: list[torch.Tensor], names: list[str] | None = None, min_side: int = 64) -> Image.Image:
-    """Rows of equal-length (N, C, H, W) [0, 1] batches as one RGB picture, row names on the left."""
+    """Rows of equal-length (N, C, H, W) [0, 1] batches as one RGB picture, row names on the left; an empty batch
+    (a DP-SGD client that sampled no example) is one blank tile."""
+    if rows[0].shape[0] == 0:
+        rows = [torch.ones(1, *r.shape[1:]) for r in rows]
     n = rows[0].shape[0]
     images = torch.cat([r.expand(-1, 3, -1, -1) if r.shape[1] == 1 else r for r in rows])
     scale = max(1, -(-min_side // images.shape[-1]))
