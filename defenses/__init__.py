@@ -34,7 +34,7 @@ from defenses.base import (
 from defenses.dp_sgd import DpSgd, DpSgdParams
 from defenses.features import FeatureNoise, FeatureNoiseParams, FeaturePrune, FeaturePruneParams, needs_shared_features
 from defenses.local_dp import LocalDp, LocalDpParams
-from defenses.secagg import AGGREGATE_CLIENT, SecAgg, SecAggParams, needs_three_clients
+from defenses.secagg import AGGREGATE_CLIENT, SecAgg, SecAggParams, needs_two_clients
 from defenses.soteria import Soteria, SoteriaParams
 from defenses.update import GaussianMechanism, GaussianParams, Prune, PruneParams, Quantize, QuantizeParams
 from fl_sim.base.registry import Registry
@@ -77,7 +77,7 @@ DEFENSES.add("feature-noise", DefenseType(FeatureNoiseParams, FeatureNoise, "sha
                                           requires=needs_shared_features))
 DEFENSES.add("secagg", DefenseType(SecAggParams, SecAgg, "Flower's SecAgg+: the server sees only the round's "
                                                         "aggregate, attacked as one batch of all clients' data",
-                                   requires=needs_three_clients))
+                                   requires=needs_two_clients))
 DEFENSES.add("local-dp", DefenseType(LocalDpParams, LocalDp, "Flower's LocalDpMod: clip the update, Gaussian noise "
                                                              "for (ε, δ) per round", protocols=("fedavg",)))
 

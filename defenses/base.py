@@ -17,6 +17,7 @@ A defense that defines a privacy budget also implements :class:`Accountant`.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -139,6 +140,12 @@ class Accountant(ABC):
     @abstractmethod
     def budget(self, releases: Releases) -> Budget: ...
 
+    @abstractmethod
+    def reconstruction_bound(self, releases: Releases, kappa: float) -> float:
+        """η of the (η, κ)-ReRo guarantee (:mod:`defenses.rero`) against the same adversary, at the level of
+        :meth:`budget`: no attack recovers a target of this client with probability above η when a prior-only
+        guess succeeds with probability ``kappa``."""
+
 
 class Params(BaseModel):
     """Base of every defense's parameters: strict, unknown keys rejected, values named in errors."""
@@ -153,17 +160,33 @@ def label(name: str, params: BaseModel, given: Iterable[str] = ()) -> str:
     return f"{name}({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in shown.items())})"
 
 
+History = tuple[tuple[float, float, int], ...]  # (noise multiplier σ, sample rate, steps), as Opacus keeps them
+
+
 def rdp_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
     """ε at ``delta`` of ``steps`` subsampled Gaussian releases (noise multiplier ``sigma``), Opacus's RDP
     accountant; ∞ without noise."""
-    from opacus.accountants import RDPAccountant
+    return epsilon("rdp", ((sigma, sample_rate, steps),), delta)
 
-    if steps == 0:
+
+@functools.lru_cache(maxsize=512)
+def epsilon(accountant: str, history: History, delta: float) -> float:
+    """ε at ``delta`` of the subsampled Gaussian releases in ``history`` by Opacus's ``"rdp"`` or ``"prv"``
+    accountant (PRV: its upper estimate); 0 without releases, ∞ for one without noise or a δ the PRV
+    discretisation cannot resolve."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    history = tuple((s, min(1.0, q), t) for s, q, t in history if t > 0)
+    if not history:
         return 0.0
-    if sigma == 0:
+    if any(s == 0 for s, _, _ in history):
         return math.inf
-    accountant = RDPAccountant()
-    accountant.history = [(sigma, min(1.0, sample_rate), steps)]
-    with warnings.catch_warnings():  # tiny σ: Opacus notes its smallest order is optimal; ε is still valid
-        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
-        return float(accountant.get_epsilon(delta))
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = list(history)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        # RDP: an order at the end of Opacus's range is optimal (ε still valid); PRV: log(0) masked at its edge
+        warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest) alpha")
+        try:
+            return float(acc.get_epsilon(delta))
+        except (RuntimeError, ValueError):  # PRV: δ below the discretisation's floating-point floor
+            return math.inf

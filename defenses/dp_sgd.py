@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from defenses.base import Accountant, Budget, Params, Releases, TrainingDefense, Update, rdp_epsilon
+from defenses.base import Accountant, Budget, Params, Releases, TrainingDefense, Update, epsilon, rdp_epsilon
+from defenses.rero import profile_bound
 
 
 class DpSgdParams(Params):
@@ -81,6 +82,20 @@ class DpSgd(TrainingDefense, Accountant):
         return Budget(rdp_epsilon(p.sigma, r.batch_rate, r.participations * r.steps_per_round, p.delta), p.delta,
                       "example", "add or remove one example of the client's shard",
                       "Opacus RDP: noise multiplier σ, Poisson sample rate batch / shard, every local step")
+
+    def reconstruction_bound(self, releases: Releases, kappa: float) -> float:
+        """For an example the attacked update was computed on (the event fl-sim measures, conditioned on the
+        sampling): that step is a Gaussian release without subsampling, the client's other steps subsampled
+        Gaussians. η from that composition's privacy profile: at each δ of :data:`PROFILE_DELTAS` the smaller ε of
+        Opacus's PRV accountant (its upper estimate) and its RDP accountant."""
+        p, r = self.params, releases
+        steps = r.participations * r.steps_per_round
+        history = ((p.sigma, 1.0, min(1, steps)), (p.sigma, r.batch_rate, max(0, steps - 1)))
+        return profile_bound(((min(epsilon("prv", history, d), epsilon("rdp", history, d)), d)
+                              for d in PROFILE_DELTAS), kappa)
+
+
+PROFILE_DELTAS = tuple(float(d) for d in np.geomspace(1e-10, 0.5, 31))  # where the privacy profile is read
 
 
 def _mean(losses: list[float]) -> float:

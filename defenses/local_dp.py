@@ -14,6 +14,7 @@ from flwr.clientapp.mod import LocalDpMod
 from pydantic import Field
 
 from defenses.base import Accountant, Budget, MessageDefense, Params, Releases
+from defenses.rero import gdp_bound
 
 
 class LocalDpParams(Params):
@@ -42,3 +43,11 @@ class LocalDp(MessageDefense, Accountant):
                       f"Flower's LocalDpMod: the clipped update (norm {p.clip:g}), noise calibrated to L2 sensitivity "
                       f"{p.sensitivity:g}",
                       "basic composition of LocalDpMod's per-round (ε, δ) over the participations")
+
+    def reconstruction_bound(self, releases: Releases, kappa: float) -> float:
+        """Each round adds N(0, noise_std²) to the update clipped to norm C: against the server a Gaussian mechanism
+        of sensitivity 2C (the clipped update can move anywhere in the ball, whatever ``sensitivity`` Flower was
+        told), so μ = 2C√T / noise_std."""
+        std = self.noise_std
+        mu = math.inf if std == 0 else 2 * self.params.clip * math.sqrt(releases.participations) / std
+        return gdp_bound(mu, kappa)

@@ -19,9 +19,11 @@ from defenses.base import Params, ProtocolDefense
 AGGREGATE_CLIENT = -1  # the "client" of an Observation that is the whole round's aggregate
 
 
-def needs_three_clients(scenario: Any) -> str | None:
-    if scenario.federation.clients_per_round < 3:
-        return (f"SecAgg+ needs at least 3 clients per round (secret sharing), federation.clients_per_round = "
+def needs_two_clients(scenario: Any) -> str | None:
+    """SecAgg+ masks pairwise, so a round needs two clients. With two, each could read the other's update off the
+    next global model; against the curious server (fl-sim's adversary) their sum still hides each."""
+    if scenario.federation.clients_per_round < 2:
+        return (f"SecAgg+ needs at least 2 clients per round (pairwise masks), federation.clients_per_round = "
                 f"{scenario.federation.clients_per_round}")
     return None
 

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from defenses.base import Accountant, Budget, DefenseContext, Params, Releases, Update, UpdateDefense, rdp_epsilon
+from defenses.rero import gdp_bound
 
 
 class GaussianParams(Params):
@@ -38,6 +39,13 @@ class GaussianMechanism(UpdateDefense, Accountant):
         return Budget(rdp_epsilon(p.sigma / 2, 1.0, releases.participations, p.delta), p.delta, "client",
                       "replace the client's dataset (clipped update: L2 sensitivity 2C)",
                       "Opacus RDP: noise multiplier σ/2, sample rate 1, one step per participation")
+
+    def reconstruction_bound(self, releases: Releases, kappa: float) -> float:
+        """Each release is a Gaussian mechanism of sensitivity 2C and noise σC, i.e. (2/σ)-GDP; T of them compose
+        to μ = 2√T / σ (exact: no subsampling against this server)."""
+        sigma = self.params.sigma
+        mu = math.inf if sigma == 0 else 2 * math.sqrt(releases.participations) / sigma
+        return gdp_bound(mu, kappa)
 
 
 class PruneParams(Params):

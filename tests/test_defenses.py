@@ -16,7 +16,7 @@ from fl_sim.leakage.secret import SecretLedger
 from fl_sim.scenario import ComponentSpec, expand_grid, scenario_from_dict
 from fl_sim.store import RunStore
 from fl_sim.training import LocalTraining
-from tests.conftest import run_inprocess, tiny
+from tests.conftest import ROOT, run_inprocess, tiny
 
 
 def observed(tmp_path, defenses, name="run", **sections):
@@ -133,7 +133,8 @@ def test_privacy_csv_gives_each_client_the_budget_of_the_rounds_it_took_part_in(
     store, _ = run_inprocess(tmp_path, raw)
     privacy = pd.read_csv(store.layout.privacy)
     assert list(privacy.columns) == ["client", "defense", "participations", "epsilon", "delta", "level", "adjacency",
-                                     "adversary", "accountant"]
+                                     "adversary", "accountant", "steps_per_round", "batch_rate"]
+    assert (privacy["steps_per_round"] == 1).all() and (privacy["batch_rate"] < 1).all()  # FedSGD, batch 2 of a shard
     metrics = pd.read_csv(store.layout.metrics)
     taken = {c: sum(str(c) in row.split() for row in metrics["clients"]) for c in range(5)}
     assert dict(zip(privacy["client"], privacy["participations"], strict=True)) == taken
@@ -293,6 +294,37 @@ def test_compare_sweeps_any_scenario_key_with_equal_seeds(tmp_path, write_scenar
     assert "Leakage against each swept scenario key" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
+def test_secagg_cohort_sweep_scores_every_image_of_the_cohort(tmp_path, write_scenario, cli):
+    """The shipped cohort scenarios' settings, and a small run of the same sweep: one aggregate per round, scored
+    image by image against the union of the cohort's batches."""
+    from fl_sim.scenario import load_scenario
+    from fl_sim.scenario.comparison import setting_scenario, setting_slug, settings
+
+    for name in ("secagg_cohort_lenet", "secagg_cohort_convnet"):
+        loaded = load_scenario(ROOT / "scenarios" / f"{name}.toml")
+        planned = [s for s in settings(loaded) if s.defenses]
+        assert [dict(s.values) for s in planned] == [{"federation.clients_per_round": c, "training.batch_size": b}
+                                                     for c in (2, 4, 8, 16) for b in (1, 2)]
+        assert all(setting_scenario(loaded, s, setting_slug(s)).federation.clients_per_round
+                   == dict(s.values)["federation.clients_per_round"] for s in planned)
+    raw = tiny(name="cohort", federation={"num_clients": 4, "rounds": 1}, training={"batch_size": 1},
+               attacks=[{"name": "dlg", "iterations": 40}], metrics=["ssim"])
+    raw["compare"] = {"baseline": False, "defenses": [{"name": "secagg"}],
+                      "grid": {"federation.clients_per_round": [2, 4], "training.batch_size": [1, 2]}}
+    code, _, err = cli("compare", write_scenario(raw), "--out", tmp_path / "cmp")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    cohort, batch = table["federation.clients_per_round"], table["training.batch_size"]
+    assert sorted(zip(cohort, batch)) == [(2, 1), (2, 2), (4, 1), (4, 2)]
+    assert (table["images"] == cohort * batch).all() and (table["reconstructions"] == 1).all()
+    for c, b, n, fraction in zip(cohort, batch, table["images"], table["images_recovered_fraction"], strict=True):
+        folder = next((tmp_path / "cmp" / "runs").glob(f"*clients_per_round={c}_batch_size={b}"))
+        rows = pd.read_csv(folder / "results.csv").query("metric == 'ssim' and image == image")  # per-image rows
+        assert set(rows["client"]) == {-1} and len(rows) == n
+        assert fraction == pytest.approx((rows["value"] >= 0.5).mean())  # no baseline for an aggregate
+    assert table.loc[(cohort == 2) & (batch == 1), "images_recovered_fraction"].item() == 1.0  # 2 digits, inverted
+
+
 # --- the comparison: DLG on the DLG LeNet under noise and pruning ------------------------------------------
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
@@ -443,23 +475,23 @@ def test_secagg_round_is_attacked_as_one_batch_and_scored(tmp_path):
     assert (store.root / "reconstructions" / "round-0001" / "idlg-client--001.safetensors").is_file()
 
 
-def test_secagg_needs_three_clients_per_round(write_scenario, cli, tmp_path):
-    code, _, err = cli("run", write_scenario(tiny(defenses=[{"name": "secagg"}],
+def test_secagg_needs_two_clients_per_round(write_scenario, cli, tmp_path):
+    code, _, err = cli("run", write_scenario(tiny(federation={"clients_per_round": 1}, defenses=[{"name": "secagg"}],
                                                   output={"dir": str(tmp_path / "runs")})))
-    assert code == 2 and "SecAgg+ needs at least 3 clients per round" in err
+    assert code == 2 and "SecAgg+ needs at least 2 clients per round" in err and not (tmp_path / "runs").exists()
 
 
-def test_compare_again_keeps_finished_settings(comparison):
-    from click.testing import CliRunner
-
-    from fl_sim.cli import cli
-
+def test_compare_again_keeps_finished_settings(comparison, cli):
     before = {p: p.stat().st_mtime_ns for p in (comparison / "runs").glob("*/results.csv")}
-    result = CliRunner().invoke(cli, ["compare", str(comparison.parent / "cmp.toml"), "--out", str(comparison)],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    code, _, err = cli("compare", comparison.parent / "cmp.toml", "--out", comparison)
+    assert code == 0, err
     assert {p: p.stat().st_mtime_ns for p in (comparison / "runs").glob("*/results.csv")} == before
     assert (comparison / "comparison.html").is_file()
+    # the same folder for a changed scenario: refused, nothing rerun (its finished settings would be stale)
+    changed = ("--set", "attacks.0.iterations=61")
+    code, _, err = cli("compare", comparison.parent / "cmp.toml", "--out", comparison, *changed)
+    assert code == 2 and "ran with another scenario (attacks differs)" in err and len(err.strip().splitlines()) == 1
+    assert {p: p.stat().st_mtime_ns for p in (comparison / "runs").glob("*/results.csv")} == before
 
 
 def test_the_comparison_reads_epsilon_from_the_runs_privacy_csv_without_rebuilding_a_federation(comparison,

@@ -81,7 +81,7 @@ class RoundEnd:
         for client in range(len(self.fed.shards)):
             releases = self.fed.releases(client, self.participation[client])
             if releases not in self._budgets:
-                self._budgets[releases] = [{"defense": name, "participations": releases.participations}
+                self._budgets[releases] = [{"defense": name} | asdict(releases)
                                            | asdict(defense.budget(releases)) | {"adversary": ADVERSARY}
                                            for name, defense in self.accountants]
             rows += [{"client": client} | row for row in self._budgets[releases]]

@@ -8,6 +8,8 @@ reconstructed under every setting.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from fl_sim.base.atomic import write_text
 from fl_sim.leakage.grids import grid_image, load_round
 from fl_sim.leakage.metrics import SCORES
+from fl_sim.leakage.scoring import BASELINE
 from fl_sim.report import tables
 from fl_sim.report.images import Picture, file_slug
 from fl_sim.report.plots import attack_colors, png
@@ -28,7 +31,9 @@ from fl_sim.report.runs import RunData, load_run
 from fl_sim.report.tables import RecoveryRule, fmt, label
 from fl_sim.store import ComparisonLayout, RunLayout
 
+log = logging.getLogger("fl_sim")
 MARKERS = "osD^v<>p*hX"
+MAX_LINES = 8  # per panel of key_panels
 
 
 @dataclass(frozen=True)
@@ -60,26 +65,82 @@ def scenario_value(raw: dict[str, Any], key: str) -> Any:
 
 
 def comparison_table(settings: list[Setting], rule: RecoveryRule) -> pd.DataFrame:
-    """One row per (setting, attack): the swept keys' values, score means/stds, recovered fraction, final accuracy
-    and its drop against the no-defense setting with the same swept values, ε."""
+    """One row per (setting, attack): the swept keys' values, score means/stds, recovered fractions (of the
+    reconstructions and of the attacked images), final accuracy and its drop against the no-defense setting with
+    the same swept values, ε, and the setting's ReRo bound beside its measured success (:func:`rero`)."""
     none_acc = {_key(s): _final_acc(s.run) for s in settings if s.kind == "none"}
     rows = []
     for s in settings:
         recs = tables.reconstructions(s.run.results)
         head = tables.headline(recs, rule).set_index("attack") if not recs.empty else pd.DataFrame()
+        imgs = tables.images(s.run.results)
+        recovered = tables.images_recovered(imgs, rule) if not imgs.empty else pd.Series(dtype=bool)
+        bound = rero(s.run, imgs, rule)
         acc = _final_acc(s.run)
         for attack, group in recs.groupby("attack") if not recs.empty else []:
+            of_attack = recovered[imgs["attack"] == attack] if not imgs.empty else recovered
             row: dict[str, Any] = {"setting": s.label, "defense": s.kind, "attack": attack,
                                    **{key: _cell_value(v) for key, v in s.values},
                                    "epsilon": s.epsilon, "final_test_acc": acc,
                                    "acc_drop": none_acc.get(_key(s), math.nan) - acc,
                                    "reconstructions": len(group), "failed": int(group["failed"].sum()),
-                                   "recovered_fraction": head.loc[attack, "recovered_fraction"]}
+                                   "recovered_fraction": head.loc[attack, "recovered_fraction"],
+                                   "images": len(of_attack),
+                                   "images_recovered_fraction": of_attack.mean() if len(of_attack) else math.nan,
+                                   **bound}
             for score in SCORES:
                 row[f"{score}_mean"] = group[score].mean()
                 row[f"{score}_std"] = group[score].std()
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+KAPPA_CONFIDENCE = 0.95  # κ is the prior-only success rate's one-sided upper confidence limit at this level
+
+
+def rero(run: RunData, imgs: pd.DataFrame, rule: RecoveryRule) -> dict[str, float]:
+    """The setting's reconstruction-robustness columns, per attacked image and under ``rule`` alone (the ReRo
+    success event, the same for attacks and baselines):
+
+    - ``measured_success``: the strongest attack's fraction of attacked images that meet the rule (failed: not);
+    - ``baseline_success``: the best prior-only baseline's fraction;
+    - ``rero_kappa``: κ, the largest one-sided :data:`KAPPA_CONFIDENCE` Clopper–Pearson upper limit of a
+      baseline's success rate (k of n images; 1 where none ran) — the stated floor: 0 of n successes does not
+      make κ = 0;
+    - ``rero_bound``: η, the worst client's bound at κ from its defense's DP guarantee (NaN without one).
+    """
+    out = {"measured_success": math.nan, "baseline_success": math.nan, "rero_kappa": 1.0}
+    if not imgs.empty:
+        per_attack = [(tables.image_success(g, rule).mean(), g.get(f"{BASELINE}{rule.metric}"),
+                       tables.image_success(g, rule, baseline_rows=True)) for _, g in imgs.groupby("attack")]
+        out["measured_success"] = max(m for m, _, _ in per_attack)
+        tried = [(int(ok[b.notna()].sum()), int(b.notna().sum())) for _, b, ok in per_attack if b is not None]
+        if tried:
+            out["baseline_success"] = max(k / n if n else math.nan for k, n in tried)
+            out["rero_kappa"] = max(_upper_limit(k, n) for k, n in tried)
+    return out | {"rero_bound": reconstruction_bound(run, out["rero_kappa"])}
+
+
+def _upper_limit(k: int, n: int) -> float:
+    """One-sided upper confidence limit of a success probability after k successes in n trials (Clopper–Pearson)."""
+    from scipy.stats import beta
+
+    return 1.0 if n == 0 or k >= n else float(beta.ppf(KAPPA_CONFIDENCE, k + 1, n - k))
+
+
+def reconstruction_bound(run: RunData, kappa: float) -> float:
+    """η of the run's DP defense for its worst client (every client's releases in privacy.csv; the largest bound);
+    NaN without exactly one DP defense (several are not composed here) or for a privacy.csv without releases."""
+    from defenses import Releases, accountants
+
+    accounted = accountants(run.scenario.defenses)
+    columns = ["participations", "steps_per_round", "batch_rate"]
+    if len(accounted) != 1 or run.privacy.empty or not set(columns) <= set(run.privacy):
+        return math.nan
+    name, defense = accounted[0]
+    rows = run.privacy[run.privacy["defense"] == name][columns].drop_duplicates()
+    return max((defense.reconstruction_bound(Releases(int(p), int(t), float(q)), kappa)
+                for p, t, q in rows.itertuples(index=False)), default=math.nan)
 
 
 def _key(s: Setting) -> tuple[tuple[str, Any], ...]:
@@ -94,25 +155,31 @@ def _cell_value(value: Any) -> Any:
     return value_text(value) if isinstance(value, list) else value
 
 
-def key_panels(table: pd.DataFrame, key: str, colors: dict[str, str]) -> bytes:
-    """MSE, SSIM, PSNR and the recovered fraction against one swept key: per attack and defense, the mean over
-    the settings with that value (the other keys averaged), mean ± std of the settings' means."""
+def key_panels(table: pd.DataFrame, key: str, others: list[str], colors: dict[str, str]) -> bytes:
+    """MSE, SSIM, PSNR and the fraction of attacked images recovered against one swept key: a line per attack and
+    defense — and per value of the ``others`` swept keys when that makes at most :data:`MAX_LINES` lines, else
+    their settings averaged (mean ± std of the settings' means)."""
     values = list(dict.fromkeys(table[key]))
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     position = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
+    series = ["attack", "defense", *others]
+    if table.groupby(series).ngroups > MAX_LINES:
+        series = ["attack", "defense"]
+    styles = dict(zip(table.groupby(series).groups, itertools.cycle(["-", "--", ":", "-."]), strict=False))
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), layout="constrained")
-    for ax, score in zip(axes, ("mse_mean", "ssim_mean", "psnr_mean", "recovered_fraction"), strict=True):
-        for (attack, defense), rows in table.groupby(["attack", "defense"]):
+    for ax, score in zip(axes, ("mse_mean", "ssim_mean", "psnr_mean", "images_recovered_fraction"), strict=True):
+        for name, rows in table.groupby(series):
             line = rows.groupby(key, sort=False)[score].agg(["mean", "std"]).reindex(values).dropna(how="all")
             ax.errorbar([position[v] for v in line.index], line["mean"], yerr=line["std"], marker="o", ms=4,
-                        capsize=3, color=colors[attack], ls="-" if defense == "none" else "--",
-                        label=f"{attack}, {defense}")
+                        capsize=3, color=colors[name[0]], ls=styles[name],
+                        label=", ".join(f"{k.rsplit('.', 1)[-1]}={v}" if k in others else str(v)
+                                        for k, v in zip(series, name, strict=True)))
         ax.set_xlabel(key)
-        ax.set_ylabel(label(score.removesuffix("_mean")) if score != "recovered_fraction" else "recovered fraction")
+        ax.set_ylabel(label(score.removesuffix("_mean")) if score.endswith("_mean") else "images recovered")
         if not numeric:
             ax.set_xticks(range(len(values)), [str(v) for v in values])
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, title="attack, defense", title_fontsize=7)
+    axes[0].legend(fontsize=7, title=", ".join(k.rsplit(".", 1)[-1] for k in series), title_fontsize=7)
     return png(fig)
 
 
@@ -209,6 +276,10 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
     files = layout.FIGURES
     settings = [load_setting(d, keys) for d in run_dirs]
     table = comparison_table(settings, rule)
+    for row in table[table["measured_success"] > table["rero_bound"]].drop_duplicates("setting").itertuples():
+        log.warning("%s: measured success %.3g above its ReRo bound %.3g — with few images possible by chance, "
+                    "otherwise a bug in the attack scoring or the accounting", row.setting, row.measured_success,
+                    row.rero_bound)
     attacks = sorted(set(table["attack"])) if not table.empty else []
     colors = attack_colors(attacks)
     plot = Picture(f"{files}/privacy-utility.png", privacy_utility_plot(table, metric, colors),
@@ -218,8 +289,8 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
     sweep_picture = None if sweep is None or table.empty else Picture(
         f"{files}/sweep.png", sweep_plot(table, sweep, colors),
         f"MSE, SSIM and PSNR against {sweep[0]} {sweep[1]} (mean ± std over the reconstructions)")
-    panels = [Picture(f"{files}/by-{file_slug(key)}.png", key_panels(table, key, colors),
-                      f"MSE, SSIM, PSNR and the recovered fraction against {key} (solid: no defense)")
+    panels = [Picture(f"{files}/by-{file_slug(key)}.png", key_panels(table, key, [k for k in keys if k != key], colors),
+                      f"MSE, SSIM, PSNR and the fraction of attacked images recovered against {key}")
               for key in keys or [] if not table.empty and table[key].nunique() > 1]
     unavailable = tables.unavailable(pd.concat([s.run.results for s in settings]))
     context = {
@@ -227,6 +298,7 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
         "settings": settings, "colors": colors, "plot": plot, "grids": grids, "rule": str(rule), "sweep": sweep_picture,
         "panels": panels,
         "metric": label(metric), "summary": _display(table, rule, unavailable),
+        "confidence": f"one-sided {KAPPA_CONFIDENCE:.0%} Clopper–Pearson",
         "unavailable": {label(k): v for k, v in unavailable.items()},
         "provenance": {label(k): v for k, v in tables.provenance(pd.concat([s.run.results for s in settings])).items()},
         "links": [(s.label, RunLayout(s.run.root).report.html.relative_to(out).as_posix()) for s in settings],
@@ -240,6 +312,10 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
     return layout.html
 
 
+def _rate(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3g}"
+
+
 def _display(table: pd.DataFrame, rule: RecoveryRule, unavailable: dict[str, str]) -> pd.DataFrame:
     if table.empty:
         return table
@@ -251,6 +327,11 @@ def _display(table: pd.DataFrame, rule: RecoveryRule, unavailable: dict[str, str
                                                                                f" ± {fmt(score, sd)}")
                                for m, sd in zip(table[f"{score}_mean"], table[f"{score}_std"], strict=True)]
     frame[f"recovered ({rule})"] = [f"{v:.0%}" if not math.isnan(v) else "n/a" for v in table["recovered_fraction"]]
+    frame["images recovered"] = [f"{v:.0%} of {n}" if not math.isnan(v) else "n/a"
+                                 for v, n in zip(table["images_recovered_fraction"], table["images"], strict=True)]
+    frame["measured success"] = [_rate(v) for v in table["measured_success"]]
+    frame["ReRo bound η (κ)"] = ["–" if math.isnan(b) else f"{_rate(b)} ({_rate(k)})"
+                                 for b, k in zip(table["rero_bound"], table["rero_kappa"], strict=True)]
     frame["failed"] = table["failed"]
     frame["final test accuracy (%)"] = [f"{100 * a:.1f}" for a in table["final_test_acc"]]
     frame["drop vs none (pp)"] = ["–" if math.isnan(d) else f"{100 * d:+.1f}" for d in table["acc_drop"]]
