@@ -8,7 +8,7 @@ the stage; defenses of one stage apply in the order listed.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,9 +122,11 @@ def secure_aggregation(specs: Sequence[Any]) -> ProtocolDefense | None:
     return next(iter(of_stage(build_all(specs), Stage.PROTOCOL)), None)
 
 
-def defense_label(specs: Sequence[Any]) -> str:
-    """``none`` or ``dp(clip=1, sigma=0.01) + prune(ratio=0.9)``, for result rows and reports."""
-    return " + ".join(label(s.name, build_defense(s.name, s.params).params, s.params) for s in specs) or "none"
+def defense_label(specs: Sequence[Any], full: bool = False, keep: Iterable[str] = ()) -> str:
+    """``none`` or ``dp(sigma=0.01) + prune(ratio=0.9)`` (what differs from the defaults, and the ``keep``
+    parameters), for result rows and reports; ``full``: every parameter, defaults included (comparison.csv)."""
+    return " + ".join(label(s.name, build_defense(s.name, s.params).params, None if full else s.params, keep)
+                      for s in specs) or "none"
 
 
 def defend(defenses: Sequence[Defense], update: Update, global_state: dict[str, torch.Tensor],

@@ -153,10 +153,15 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def label(name: str, params: BaseModel, given: Iterable[str] = ()) -> str:
-    """``dp(clip=1, sigma=0.01)``: the defense with the parameters the scenario set (all if it set none)."""
+def label(name: str, params: BaseModel, given: Iterable[str] | None = None, keep: Iterable[str] = ()) -> str:
+    """``dp(sigma=0.01)``: the defense with the parameters the scenario set to other than their defaults and those
+    in ``keep`` (a comparison's swept ones); ``given`` None: every parameter, defaults included."""
     values = params.model_dump()
-    shown = {k: values[k] for k in given if k in values} or values
+    fields, keep = type(params).model_fields, set(keep)
+    shown = values if given is None else {k: v for k, v in values.items()
+                                          if k in keep or (k in set(given) and v != fields[k].default)}
+    if not shown:
+        return name
     return f"{name}({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in shown.items())})"
 
 

@@ -24,11 +24,22 @@ class CompareSetting:
 
     defenses: list[ComponentSpec]
     values: tuple[tuple[str, Any], ...] = ()
+    swept: frozenset[str] = frozenset()  # defense parameters the comparison varies: always in the label
 
     @property
     def label(self) -> str:
         keys = ", ".join(f"{k}={value_text(v)}" for k, v in self.values)
-        return defense_label(self.defenses) + (f" · {keys}" if keys else "")
+        return defense_label(self.defenses, keep=self.swept) + (f" · {keys}" if keys else "")
+
+
+def swept_parameters(defense_lists: list[list[ComponentSpec]]) -> frozenset[str]:
+    """The defense parameters whose values differ between settings of the same defense."""
+    seen: dict[tuple[str, str], set[str]] = {}
+    for specs in defense_lists:
+        for spec in specs:
+            for key, value in spec.params.items():
+                seen.setdefault((spec.name, key), set()).add(repr(value))
+    return frozenset(key for (_, key), values in seen.items() if len(values) > 1)
 
 
 def settings(scenario: Scenario) -> list[CompareSetting]:
@@ -37,13 +48,14 @@ def settings(scenario: Scenario) -> list[CompareSetting]:
         [s] for spec in scenario.compare.defenses for s in expand_grid(spec)]
     grid = scenario.compare.grid
     combos = list(itertools.product(*grid.values())) if grid else [()]
-    return [CompareSetting(d, tuple(zip(grid, combo, strict=True))) for combo in combos for d in defenses]
+    swept = swept_parameters(defenses)
+    return [CompareSetting(d, tuple(zip(grid, combo, strict=True)), swept) for combo in combos for d in defenses]
 
 
 def setting_slug(setting: CompareSetting) -> str:
     """A folder-name form of the setting's label."""
     keys = "_".join(f"{k.rsplit('.', 1)[-1]}={value_text(v)}" for k, v in setting.values)
-    text = defense_label(setting.defenses) + (f"_{keys}" if keys else "")
+    text = defense_label(setting.defenses, keep=setting.swept) + (f"_{keys}" if keys else "")
     return re.sub(r"[^A-Za-z0-9.=_-]+", "-", text).strip("-")
 
 
