@@ -16,6 +16,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -33,10 +34,11 @@ SERVER_NODE_ID = 1
 
 @dataclass(frozen=True)
 class Engine:
-    """``run(server_app, client_app, num_nodes, seed)``; ``shares_process``: the ClientApps run in this process
-    (so they may share what the server process has built)."""
+    """``run(server_app, client_app, num_nodes, seed, options)`` (``options``: the scenario's ``[simulation]``
+    section); ``shares_process``: the ClientApps run in this process (so they may share what the server process
+    has built)."""
 
-    run: Callable[[ServerApp, ClientApp, int, int], None]
+    run: Callable[[ServerApp, ClientApp, int, int, Any], None]
     shares_process: bool
     description: str
 
@@ -102,18 +104,28 @@ class InProcessGrid(Grid):
             return Message(error, reply_to=msg)
 
 
-def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, seed: int) -> None:
+def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, seed: int, options: Any = None
+                  ) -> None:
     grid = InProcessGrid(client_app, num_nodes, seed)
     server_app(grid, Context(run_id=grid.run.run_id, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                              run_config={}))
 
 
-def run_on_simulation_engine(server_app: ServerApp, client_app: ClientApp, num_nodes: int, seed: int) -> None:
+def ray_backend(options: Any) -> dict[str, Any]:
+    """Flower's Ray backend config from the ``[simulation]`` section: each actor's CPUs and GPUs; ``ray.init``
+    joins ``ray_address`` as it is (Ray refuses num_cpus / num_gpus when it connects to a cluster) or starts a
+    local Ray with every CPU of this machine."""
+    init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+    init |= {"address": options.ray_address} if options.ray_address else {"num_cpus": os.cpu_count() or 1}
+    return {"client_resources": {"num_cpus": options.client_cpus, "num_gpus": options.client_gpus},
+            "init_args": init}
+
+
+def run_on_simulation_engine(server_app: ServerApp, client_app: ClientApp, num_nodes: int, seed: int,
+                             options: Any) -> None:
     from flwr.simulation import run_simulation
 
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                             "logging_level": logging.ERROR, "log_to_driver": False}}
+    backend = ray_backend(options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,

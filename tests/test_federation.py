@@ -1,8 +1,10 @@
 """The curious server records exactly what clients send; Secrets reproduce it; runs survive interrupts."""
 
 import dataclasses
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -213,6 +215,69 @@ def test_simulation_engine_gives_the_same_observations_as_inprocess(tmp_path):
         assert a.meta.train_loss == pytest.approx(b.meta.train_loss, rel=1e-5)
         for k in a.update:
             torch.testing.assert_close(a.update[k], b.update[k], rtol=1e-5, atol=1e-6)
+
+
+def test_simulation_settings_reach_rays_init_and_the_client_actors():
+    from fl_sim.base.errors import ScenarioError
+    from fl_sim.engines import ray_backend
+
+    joined = ray_backend(scenario_from_dict(tiny(simulation={"ray_address": "auto", "client_cpus": 2.0,
+                                                             "client_gpus": 0.5})).simulation)
+    assert joined["init_args"]["address"] == "auto"  # ray.init refuses num_cpus / num_gpus when it joins
+    assert not {"num_cpus", "num_gpus"} & set(joined["init_args"])
+    assert joined["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.5}
+    local = ray_backend(scenario_from_dict(tiny()).simulation)
+    assert local["init_args"]["num_cpus"] == (os.cpu_count() or 1) and "address" not in local["init_args"]
+    assert local["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    with pytest.raises(ScenarioError, match="simulation.client_gpus"):
+        scenario_from_dict(tiny(simulation={"client_gpus": -1.0}))
+
+
+def test_a_simulation_with_too_few_nodes_fails_at_once_and_a_deployment_logs_while_it_waits(caplog):
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fl_sim.federation.server import discover_clients
+
+    class TwoSimulatedNodes(InMemoryGrid):
+        def __init__(self) -> None:  # the nodes a local simulation created: never more
+            pass
+
+        def get_node_ids(self) -> list[int]:
+            return [11, 12]
+
+    with pytest.raises(RuntimeError, match="options.num-supernodes = 4 under \\[superlink.local\\]"):
+        discover_clients(TwoSimulatedNodes(), 4, simulation_grace=0.2)
+
+    class Arriving:  # SuperNodes of a deployment connect one by one; the server waits and says so
+        calls = 0
+
+        def get_node_ids(self) -> list[int]:
+            self.calls += 1
+            return list(range(min(self.calls // 2, 3)))  # the fourth never comes
+
+    with caplog.at_level("INFO", logger="fl_sim"), pytest.raises(RuntimeError, match="only 3 of 4 clients"):
+        discover_clients(Arriving(), 4, timeout=3.2, log_every=0.5)
+    assert any("waiting for SuperNodes: " in r.message and " of 4 connected" in r.message for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_simulation_engine_joins_a_running_ray_cluster(tmp_path):
+    """Flower's multi-node recipe on loopback: ``ray start --head``, then fl-sim with simulation.ray_address."""
+    import shutil
+
+    ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    port = 6400 + os.getpid() % 500
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--node-ip-address=127.0.0.1"], check=True, capture_output=True, env=env, timeout=180)
+    try:
+        raw = tiny(engine="simulation", simulation={"ray_address": f"127.0.0.1:{port}", "client_cpus": 1.0},
+                   federation={"num_clients": 2, "clients_per_round": 2, "rounds": 1})
+        store = RunStore.create(scenario_from_dict(raw), tmp_path / "joined")
+        run_engine(scenario_from_dict(raw), store, None)
+        assert store.last_round == 1 and len(list(load_observations(store.root))) == 2
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
 
 
 # --- the curious strategy as a wrapper -------------------------------------------------------------------

@@ -33,12 +33,28 @@ log = logging.getLogger("fl_sim")
 RoundHook = Callable[[int, list[Observation]], None]
 
 
-def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
-    """node id → client id, asking every connected node (the server knows who its clients are)."""
-    deadline = time.monotonic() + timeout
+def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0, simulation_grace: float = 10.0,
+                     log_every: float = 10.0) -> dict[int, int]:
+    """node id → client id, asking every connected node (the server knows who its clients are). Waits for
+    ``num_clients`` nodes, logging the count every ``log_every`` s; a Flower simulation (its nodes all exist from
+    the start) with too few gives up after ``simulation_grace`` s, saying how to set their number."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    started = logged = time.monotonic()
     while len(nodes := list(grid.get_node_ids())) < num_clients:
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if isinstance(grid, InMemoryGrid) and now - started > simulation_grace:
+            message = (f"the simulation has {len(nodes)} SuperNodes but federation.num_clients = {num_clients}: set "
+                       f"options.num-supernodes = {num_clients} under [superlink.local] in $FLWR_HOME/config.toml "
+                       "(default ~/.flwr/config.toml), stop the local SuperLink (pkill -f flower-superlink) and run "
+                       "again")
+            log.error(message)
+            raise RuntimeError(message)
+        if now - started > timeout:
             raise RuntimeError(f"only {len(nodes)} of {num_clients} clients connected within {timeout:.0f} s")
+        if now - logged >= log_every:
+            log.info("waiting for SuperNodes: %d of %d connected after %.0f s", len(nodes), num_clients, now - started)
+            logged = now
         time.sleep(0.5)
     msgs = [Message(RecordDict(), dst_node_id=n, message_type=CLIENT_ID_QUERY) for n in nodes]
     mapping = {}
@@ -202,4 +218,4 @@ def run_engine(scenario: Scenario, store: RunStore, progress: Callable[[int], No
     fed = fed or prepare(scenario)
     client_app = build_client_app(scenario, fed if engine.shares_process else None)
     engine.run(build_server_app(scenario, store, progress, fed), client_app, scenario.federation.num_clients,
-               scenario.seed)
+               scenario.seed, scenario.simulation)

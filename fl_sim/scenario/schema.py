@@ -168,6 +168,16 @@ class ComponentSpec(BaseModel):
         return self.label or self.name
 
 
+class SimulationConfig(Section):
+    """Flower's Simulation Engine (``engine = "simulation"``): the Ray cluster and each ClientApp actor's share."""
+
+    ray_address: str = Field("", description="a running Ray cluster to join ('auto', 'HOST:6379' or "
+                                             "'ray://HOST:10001'); empty: start a local one with every CPU")
+    client_cpus: float = Field(1.0, gt=0, description="CPUs each ClientApp actor reserves")
+    client_gpus: float = Field(0.0, ge=0, description="GPUs each ClientApp actor reserves (0: Ray hides every GPU "
+                                                      "from the clients; e.g. 0.25 puts four clients on one GPU)")
+
+
 class OutputConfig(Section):
     dir: str = "runs"
 
@@ -202,6 +212,7 @@ class Scenario(Section):
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: Annotated[str, registered("engine")] = "inprocess"
+    simulation: SimulationConfig = SimulationConfig()
     federation: FederationConfig = FederationConfig()
     training: TrainingConfig = TrainingConfig()
     data: DataConfig = DataConfig()
@@ -320,7 +331,8 @@ class Scenario(Section):
         return _drop_none(self.model_dump(mode="json"))
 
 
-SWEEPABLE = ("seed", "device", "engine", "federation", "training", "data", "model", "features", "threat_model")
+SWEEPABLE = ("seed", "device", "engine", "simulation", "federation", "training", "data", "model", "features",
+             "threat_model")
 GRID_EXCLUDED = ("name", "output", "compare", "attacks", "defenses", "metrics")
 
 
