@@ -158,8 +158,9 @@ def label(name: str, params: BaseModel, given: Iterable[str] | None = None, keep
     in ``keep`` (a comparison's swept ones); ``given`` None: every parameter, defaults included."""
     values = params.model_dump()
     fields, keep = type(params).model_fields, set(keep)
+    given = None if given is None else set(given)
     shown = values if given is None else {k: v for k, v in values.items()
-                                          if k in keep or (k in set(given) and v != fields[k].default)}
+                                          if k in keep or (k in given and v != fields[k].default)}
     if not shown:
         return name
     return f"{name}({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in shown.items())})"

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from defenses import defense_label
+from defenses import Releases, accountants, defense_label
 from fl_sim.base.atomic import write_text
 from fl_sim.leakage.metrics import SCORES
 from fl_sim.leakage.scoring import BASELINE
@@ -139,8 +139,6 @@ def _upper_limit(k: int, n: int) -> float:
 def reconstruction_bound(run: RunData, kappa: float) -> float:
     """η of the run's DP defense for its worst client (every client's releases in privacy.csv; the largest bound);
     NaN without exactly one DP defense (several are not composed here) or for a privacy.csv without releases."""
-    from defenses import Releases, accountants
-
     accounted = accountants(run.scenario.defenses)
     columns = ["participations", "steps_per_round", "batch_rate"]
     if len(accounted) != 1 or run.privacy.empty or not set(columns) <= set(run.privacy):
