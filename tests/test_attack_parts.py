@@ -238,7 +238,9 @@ def test_lrb_leaves_the_model_exactly_as_it_found_it(mnist):
     assert [m.training for m in sim.model.modules()] == before_modes
     assert all(torch.equal(v, before_state[k]) for k, v in sim.model.state_dict().items())
     after = float(distance(sim(mnist.normalization.normalize(x), y)).detach())
-    assert at_truth < 1e-5 and after < 1e-5, (at_truth, after)
+    # the replay's GEMM convolutions round differently from the client's kernels, and on MNIST's flat background a
+    # few ReLU gates sit at 0 after train-mode BatchNorm: 2e-5 apart at the truth here (a float64 replay: 0)
+    assert after == at_truth and at_truth < 1e-4, (at_truth, after)
 
 
 def test_lrb_network_input_vanishes_for_softmax_cross_entropy(mnist):

@@ -1,0 +1,132 @@
+"""How the cost grows. Prints JSON; ``--plot PNG`` draws the curves (README's docs/growth.png).
+
+* attack: GGI's seconds per iteration (one objective evaluation with its double backward, and the signed Adam
+  step) against the batch size (1 … 64, ResNet-18, 32 px), the image size (32 … 224 px, ResNet-18, batch 1,
+  CIFAR stem up to 64 px as fl-sim builds it) and the model (32 px, batch 1). A run of n + 1 iterations less a
+  run of one, over n = ``--iterations`` (after a warm-up). The images are real (cifar10-sample / imagenet-sample),
+  repeated to fill a batch (timing does not depend on content); labels by Yin et al.'s rule (iDLG's only holds
+  at batch 1);
+* federation: seconds of one FedSGD round on the in-process engine against the number of clients (10 …
+  1000, all sampled, LeNet on mnist5k, batch 4, every update recorded), and the recording's share of it.
+
+Usage: uv run python benchmarks/growth.py [--iterations 3] [--clients 10 30 100 300 1000] [--plot docs/growth.png]
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from attacks.gradient_inversion import GradientInversion  # noqa: E402
+from attacks.recipe import recipe  # noqa: E402
+from fl_sim.base.logs import configure_console  # noqa: E402
+from fl_sim.data.images import TensorImageSet  # noqa: E402
+from fl_sim.data.sources import load_dataset  # noqa: E402
+from fl_sim.federation.server import run_engine  # noqa: E402
+from fl_sim.leakage.single_client import fedsgd_plan, observe  # noqa: E402
+from fl_sim.models import build_model  # noqa: E402
+from fl_sim.scenario import DataConfig, ModelConfig, scenario_from_dict  # noqa: E402
+from fl_sim.store import RunStore  # noqa: E402
+
+BATCHES = [1, 2, 4, 8, 16, 32, 64]
+SIZES = [32, 64, 128, 224]
+MODELS = ["lenet", "convnet", "resnet18", "resnet50"]
+
+
+def pool(source: str, size: int, n: int) -> tuple[TensorImageSet, object]:
+    data = load_dataset(DataConfig(dataset=source, image_size=size))
+    x, y = data.train.batch(list(range(len(data.train))))
+    reps = -(-n // len(y))
+    pixels = (x * 255).round().to(torch.uint8).repeat(reps, 1, 1, 1)[:n]
+    return TensorImageSet(pixels, np.tile(np.asarray(y) % 10, reps)[:n]), data.normalization
+
+
+def seconds_per_iteration(model_name: str, source: str, size: int, batch: int, iterations: int) -> float:
+    images, norm = pool(source, size, batch)
+    model = build_model(ModelConfig(name=model_name), 10, images.shape, seed=0)
+    obs, _ = observe(model, images, [np.arange(batch)], fedsgd_plan(batch_size=batch), norm, 10)
+    def run(n: int) -> float:
+        return GradientInversion("ggi", recipe("ggi", iterations=n, labels="yin")).reconstruct(obs, model).seconds
+
+    run(1)  # warm-up: allocations, oneDNN primitives
+    return (run(iterations + 1) - run(1)) / iterations  # less the set-up and the final evaluation
+
+
+def federation_round(clients: int) -> dict:
+    scenario = scenario_from_dict({
+        "name": f"growth-{clients}", "seed": 0, "device": "cpu",
+        "federation": {"num_clients": clients, "clients_per_round": clients, "rounds": 1},
+        "training": {"protocol": "fedsgd", "batch_size": 4, "lr": 0.1},
+        "data": {"dataset": "mnist5k", "holdout_fraction": 0.0}, "model": {"name": "lenet"},
+        "threat_model": {"record": "all"}})
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RunStore.create(scenario, Path(tmp) / "run")
+        start = time.perf_counter()
+        run_engine(scenario, store, None)
+        total = time.perf_counter() - start
+        rows = (store.root / "metrics.csv").read_text().splitlines()[1:]
+        recording = sum(float(r.split(",")[-1]) for r in rows)
+    return {"clients": clients, "round_s": round(total, 2), "recording_s": round(recording, 2)}
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), constrained_layout=True)
+    panels = [("batch", "batch size", out["attack_batch"]), ("size", "image size (px)", out["attack_image_size"])]
+    for ax, (key, label, rows) in zip(axes[:2], panels, strict=True):
+        ax.loglog([r[key] for r in rows], [r["seconds_per_iteration"] for r in rows], "o-")
+        ax.set(xlabel=label, ylabel="GGI s / iteration", title=f"ResNet-18, attack vs {label}")
+        ax.set_xticks([r[key] for r in rows], [str(r[key]) for r in rows])
+        ax.minorticks_off()
+    rows = out["attack_model"]
+    axes[2].bar([r["model"] for r in rows], [r["seconds_per_iteration"] for r in rows])
+    axes[2].set(yscale="log", ylabel="GGI s / iteration", title="attack vs model (32 px, batch 1)")
+    rows = out["federation"]
+    n = [r["clients"] for r in rows]
+    axes[3].loglog(n, [r["round_s"] for r in rows], "o-", label="round")
+    axes[3].loglog(n, [r["recording_s"] for r in rows], "s--", label="recording")
+    axes[3].set(xlabel="clients per round", ylabel="seconds", title="FedSGD round (in-process, LeNet)")
+    axes[3].set_xticks(n, [str(c) for c in n])
+    axes[3].minorticks_off()
+    axes[3].legend()
+    fig.suptitle(f"fl-sim growth on {out['threads']} CPU threads")
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=3, help="iterations timed per point")
+    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 30, 100, 300, 1000])
+    parser.add_argument("--plot", type=Path, help="write the curves to this PNG")
+    args = parser.parse_args()
+    configure_console(0)
+    out: dict = {"benchmark": "growth", "threads": torch.get_num_threads(), "attack": "ggi (labels yin)"}
+    out["attack_batch"] = [{"batch": b, "seconds_per_iteration": round(
+        seconds_per_iteration("resnet18", "cifar10-sample", 32, b, args.iterations), 4)} for b in args.batches]
+    out["attack_image_size"] = [{"size": s, "seconds_per_iteration": round(
+        seconds_per_iteration("resnet18", "imagenet-sample", s, 1, args.iterations), 4)} for s in args.sizes]
+    out["attack_model"] = [{"model": m, "seconds_per_iteration": round(
+        seconds_per_iteration(m, "cifar10-sample", 32, 1, args.iterations), 4)} for m in args.models]
+    out["federation"] = [federation_round(n) for n in args.clients]
+    print(json.dumps(out, indent=1))
+    if args.plot:
+        plot(out, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The CPU fast paths of gradient matching compute the same functions as PyTorch's own kernels:
+GemmConv2d against nn.Conv2d (values, first and second derivatives), FusedCosine against autograd of the
+plain formula and against finite differences (gradcheck)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from attacks.matching import FusedCosine, GradientDistance, gradient_distance, weighted_norm
+from fl_sim.base.cpu import GemmConv2d, gemm_convolutions
+
+CONVS = [  # (in, out, kernel, stride, padding, dilation, bias)
+    (3, 8, 3, 1, 1, 1, True), (4, 6, 3, 2, 1, 1, False), (5, 7, 1, 2, 0, 1, False), (5, 7, 1, 1, 0, 1, True),
+    (3, 4, (5, 3), (1, 2), (2, 0), 1, True), (3, 4, 3, 1, 2, 2, True)]
+
+
+def client_gradient_and_its_derivative(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Output, the weight gradient of a loss, and ∂(a function of that gradient)/∂x — the double backward."""
+    x = x.clone().requires_grad_(True)
+    out = conv(x)
+    gw, *rest = torch.autograd.grad(out.sin().sum(), [conv.weight, *([conv.bias] if conv.bias is not None else [])],
+                                    create_graph=True)
+    (gx,) = torch.autograd.grad(gw.pow(2).sum() + sum(r.pow(3).sum() for r in rest), x)
+    return out.detach(), gw.detach(), gx
+
+
+@pytest.mark.parametrize("spec", CONVS)
+def test_gemm_convolution_equals_pytorchs_convolution_to_the_second_derivative(spec):
+    c_in, c_out, k, s, p, d, bias = spec
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, k, stride=s, padding=p, dilation=d, bias=bias).double()
+    gemm = gemm_convolutions(nn.Sequential(copy.deepcopy(conv)))[0]
+    assert type(gemm) is GemmConv2d
+    x = torch.randn(2, c_in, 11, 9, dtype=torch.float64)
+    for ours, theirs in zip(client_gradient_and_its_derivative(gemm, x), client_gradient_and_its_derivative(conv, x),
+                            strict=True):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_gemm_convolutions_keeps_the_parameters_and_leaves_other_convolutions_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding="same"),
+                          nn.Sequential(nn.Conv2d(4, 2, 1)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gemm_convolutions(model)
+    assert [type(m) for m in (model[0], model[1], model[2], model[3][0])] == [GemmConv2d, nn.Conv2d, nn.Conv2d,
+                                                                              GemmConv2d]
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("weights", ["uniform", "linear"])
+def test_fused_cosine_distance_equals_the_plain_formula_and_its_gradient(weights):
+    torch.manual_seed(1)
+    target = [torch.randn(1000, 1000, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    trial = [torch.randn(1000, 1000, dtype=torch.float64, requires_grad=True),
+             torch.randn(5, dtype=torch.float64, requires_grad=True)]
+    distance = GradientDistance(target, "cosine", weights)
+    assert distance.fused  # a million elements and more: one autograd node
+    plain = gradient_distance(trial, target, distance.weights, "cosine", weighted_norm(target, distance.weights))
+    fused = distance(trial)
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(torch.autograd.grad(fused, trial), torch.autograd.grad(plain, trial), strict=True):
+        torch.testing.assert_close(a, b)
+    small = [t[:3, :4] for t in target[:1]] + target[1:]
+    assert not GradientDistance(small, "cosine", weights).fused
+    assert torch.autograd.gradcheck(lambda *g: FusedCosine.apply(small, distance.weights, weighted_norm(
+        small, distance.weights), *g), tuple(t.detach().clone().requires_grad_(True) for t in small))
