@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 
 class EpochTie:
@@ -29,6 +28,8 @@ class EpochTie:
 
     def match(self, z: torch.Tensor) -> None:
         """π_e for every epoch: its candidates assigned to epoch 0's, within labels."""
+        from scipy.optimize import linear_sum_assignment  # scipy on first use, not on the client's path
+
         flat = z.detach().flatten(1).double().cpu().view(self.copies, self.n, -1)
         same = (torch.ones(self.n, self.n, dtype=torch.bool) if self.labels is None
                 else self.labels[:, None] == self.labels[None, :])

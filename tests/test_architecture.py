@@ -81,3 +81,24 @@ def test_the_lower_layers_contracts_name_every_part_of_fl_sim():
     for name, allowed in (("The base imports nothing else of fl-sim", {"fl_sim.base"}),
                           ("The threat surface imports only the base", {"fl_sim.base", "fl_sim.observation"})):
         assert set(contracts[name]["forbidden_modules"]) == (parts - allowed) | {"attacks", "defenses"}, name
+
+
+CLIENT_NEVER_IMPORTS = ("scipy", "skimage", "cv2", "matplotlib", "lpips", "fl_sim.report", "fl_sim.leakage.scoring",
+                        "fl_sim.store")
+
+
+def test_a_clientapp_process_imports_no_scoring_plotting_or_report_module():
+    """A deployment starts one ClientApp process per message: importing the app and validating the scenario it is
+    sent (every attack, metric and defense name checked) must not pull in what only the server uses."""
+    code = f"""
+import sys
+import fl_sim.federation.client
+from fl_sim.scenario import load_scenario
+for name in ("quickstart", "afgi_vs_ggi_resnet", "tldr_mnist", "feature_prune_sweep", "dp_reconstruction_bound"):
+    load_scenario(__import__("pathlib").Path("scenarios") / (name + ".toml"))
+loaded = [m for m in sys.modules if m.split(".")[0] in {CLIENT_NEVER_IMPORTS!r} or m.startswith({CLIENT_NEVER_IMPORTS!r})]
+print(sorted({{m.split(".")[0] if not m.startswith("fl_sim") else m for m in loaded}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

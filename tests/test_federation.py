@@ -109,6 +109,25 @@ def test_client_sampling_is_deterministic_and_recorded(tmp_path):
     assert col(a) == col(b) and len(set(col(a))) > 1
 
 
+def test_client_evaluation_off_sends_no_evaluate_message_and_changes_no_update(tmp_path, monkeypatch):
+    from fl_sim.engines import InProcessGrid
+
+    sent: list[str] = []
+    push = InProcessGrid.push_messages
+    monkeypatch.setattr(InProcessGrid, "push_messages",
+                        lambda self, messages: push(self, [sent.append(m.metadata.message_type) or m for m in messages]))
+    raw = tiny(federation={"num_clients": 3, "clients_per_round": 2, "rounds": 2})
+    on, seen_on = run(tmp_path, raw, "on")
+    assert sent.count("evaluate") == 4 and sent.count("train") == 4
+    sent.clear()
+    off, seen_off = run(tmp_path, tiny(federation=raw["federation"] | {"client_evaluation": False}), "off")
+    assert "evaluate" not in sent and sent.count("train") == 4
+    assert pd.read_csv(on.root / "metrics.csv")["eval_acc"].notna().all()
+    assert pd.read_csv(off.root / "metrics.csv")["eval_acc"].isna().all()
+    for a, b in zip(seen_on, seen_off, strict=True):
+        assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
+
+
 # --- the Secret is structurally out of the attacks' reach (import contracts: tests/test_architecture.py) ---
 def test_observation_carries_no_secret(tmp_path):
     fields = {f.name for f in dataclasses.fields(Observation)}
@@ -278,6 +297,34 @@ def test_simulation_engine_joins_a_running_ray_cluster(tmp_path):
         assert store.last_round == 1 and len(list(load_observations(store.root))) == 2
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+@pytest.mark.slow
+def test_flwr_run_of_this_app_runs_the_quickstart_as_a_new_user_would(tmp_path):
+    """README's `flwr run .` on a fresh FLWR_HOME: Flower starts its local SuperLink, which runs the quickstart
+    (shortened by overrides) in this environment with as many simulated SuperNodes as clients."""
+    from fl_sim.deploy.local import processes_under, terminate
+
+    home, out = tmp_path / "flwr-home", tmp_path / "flwr-run"
+    port = 39200 + os.getpid() % 400  # beside any local SuperLink already running (Flower's default: 39091)
+    env = os.environ | {"FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port), "FLWR_LOCAL_CONTROL_API_PORT": str(port + 1),
+                        "RAY_USAGE_STATS_ENABLED": "0"}
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    overrides = "federation.rounds=2;threat_model.rounds=[1];federation.client_evaluation=false"
+    command = [flwr, "run", ".", "--federation-config", "num-supernodes=10", "--run-config",
+               f"scenario='scenarios/quickstart.toml' out='{out}' overrides='{overrides}'", "--stream"]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        metrics = pd.read_csv(out / "metrics.csv")
+        assert list(metrics["round"]) == [1, 2]
+        results = pd.read_csv(out / "results.csv")
+        psnr = results.query("attack == 'idlg' and metric == 'psnr' and image.isna()")
+        assert sorted(psnr["client"]) == [1, 3] and (psnr["value"] > 30).all(), psnr
+        assert (out / "report.html").is_file()
+    finally:
+        terminate(processes_under(home))  # the local SuperLink flwr started keeps running otherwise
 
 
 # --- the curious strategy as a wrapper -------------------------------------------------------------------

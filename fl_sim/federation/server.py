@@ -44,10 +44,9 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0, simul
     while len(nodes := list(grid.get_node_ids())) < num_clients:
         now = time.monotonic()
         if isinstance(grid, InMemoryGrid) and now - started > simulation_grace:
-            message = (f"the simulation has {len(nodes)} SuperNodes but federation.num_clients = {num_clients}: set "
-                       f"options.num-supernodes = {num_clients} under [superlink.local] in $FLWR_HOME/config.toml "
-                       "(default ~/.flwr/config.toml), stop the local SuperLink (pkill -f flower-superlink) and run "
-                       "again")
+            message = (f"the simulation has {len(nodes)} SuperNodes but federation.num_clients = {num_clients}: run "
+                       f"flwr run . --federation-config \"num-supernodes={num_clients}\" (or set options.num-supernodes"
+                       f" = {num_clients} under [superlink.local] in $FLWR_HOME/config.toml, default ~/.flwr)")
             log.error(message)
             raise RuntimeError(message)
         if now - started > timeout:
@@ -159,7 +158,8 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
         return
 
     strategy = CuriousStrategy(honest_fedavg(scenario.federation.clients_per_round,
-                                             evaluate=scenario.data.holdout_fraction > 0),
+                                             evaluate=scenario.federation.client_evaluation
+                                             and scenario.data.holdout_fraction > 0),
                                model=observed, node_clients=node_clients,
                                clients_per_round=scenario.federation.clients_per_round, seed=scenario.seed,
                                observe=keep, on_round=end.observed, round_offset=start)

@@ -3,7 +3,8 @@
 Every image metric takes ``rec, gt``: (N, C, H, W) tensors in [0, 1] already paired one-to-one
 (:func:`fl_sim.leakage.scoring.pair`), and returns N per-image values. PSNR / SSIM / MSE are scikit-image's; AVD follows
 its authors' reference code (tested against its outputs); LPIPS is the ``lpips`` package with a real AlexNet
-backbone (fl_sim.leakage.lpips_model), or unavailable with the reason.
+backbone (fl_sim.leakage.lpips_model), or unavailable with the reason. scikit-image (and scipy with it) is imported
+when a metric is computed: validating a scenario's metric names (every ClientApp process does) needs only the registry.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
 from fl_sim.base.registry import Registry
 from fl_sim.leakage.lpips_model import LpipsUnavailable, lpips_model
@@ -57,6 +57,8 @@ def _check(rec: torch.Tensor, gt: torch.Tensor) -> tuple[np.ndarray, np.ndarray]
 
 
 def psnr(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    from skimage.metrics import peak_signal_noise_ratio
+
     r, g = _check(rec, gt)
     return np.array([peak_signal_noise_ratio(gi, ri, data_range=1.0) for ri, gi in zip(r, g, strict=True)])
 
@@ -68,6 +70,8 @@ def ssim_window(height: int, width: int) -> int:
 
 
 def ssim(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    from skimage.metrics import structural_similarity
+
     r, g = _check(rec, gt)
     win = ssim_window(*r.shape[-2:])
     return np.array([structural_similarity(gi, ri, data_range=1.0, channel_axis=0, win_size=win)
@@ -75,6 +79,8 @@ def ssim(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
 
 
 def mse(rec: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    from skimage.metrics import mean_squared_error
+
     r, g = _check(rec, gt)
     return np.array([mean_squared_error(gi, ri) for ri, gi in zip(r, g, strict=True)])
 

@@ -58,6 +58,11 @@ class FederationConfig(Section):
     num_clients: int = Field(4, ge=1, le=100_000, description="clients in the federation (one shard each)")
     clients_per_round: int = Field(2, ge=1, description="clients sampled each round")
     rounds: int = Field(3, ge=1, le=100_000)
+    client_evaluation: bool = Field(
+        True, description="each round, an evaluate message to the sampled clients: Flower's federated evaluation of "
+                          "the new global model on their held-out data (metrics.csv eval_loss / eval_acc; needs "
+                          "data.holdout_fraction > 0); false skips it, one ClientApp call per client and round fewer "
+                          "(a process each in a deployment); the server's test-set evaluation runs either way")
 
     @model_validator(mode="after")
     def _fits(self) -> FederationConfig:
