@@ -151,3 +151,19 @@ def test_shipped_scenarios_validate_and_fit_their_data(path):
     scenario = load_scenario(path)
     fed = prepare(scenario)
     assert len(fed.shards) == scenario.federation.num_clients and all(len(s) > 0 for s in fed.shards)
+
+
+def test_device_auto_takes_cuda_when_it_is_visible_and_the_cpu_otherwise(monkeypatch):
+    """The GPU path's device choice, checked on a machine without one (torch.cuda.is_available patched)."""
+    import torch
+
+    from fl_sim.base.errors import UserInputError
+    from fl_sim.federation.setup import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserInputError, match="no CUDA device is visible"):
+        resolve_device("cuda")
