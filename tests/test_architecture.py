@@ -96,7 +96,8 @@ import fl_sim.federation.client
 from fl_sim.scenario import load_scenario
 for name in ("quickstart", "afgi_vs_ggi_resnet", "tldr_mnist", "feature_prune_sweep", "dp_reconstruction_bound"):
     load_scenario(__import__("pathlib").Path("scenarios") / (name + ".toml"))
-loaded = [m for m in sys.modules if m.split(".")[0] in {CLIENT_NEVER_IMPORTS!r} or m.startswith({CLIENT_NEVER_IMPORTS!r})]
+never = {CLIENT_NEVER_IMPORTS!r}
+loaded = [m for m in sys.modules if m.split(".")[0] in never or m.startswith(never)]
 print(sorted({{m.split(".")[0] if not m.startswith("fl_sim") else m for m in loaded}}))
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

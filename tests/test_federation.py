@@ -114,8 +114,8 @@ def test_client_evaluation_off_sends_no_evaluate_message_and_changes_no_update(t
 
     sent: list[str] = []
     push = InProcessGrid.push_messages
-    monkeypatch.setattr(InProcessGrid, "push_messages",
-                        lambda self, messages: push(self, [sent.append(m.metadata.message_type) or m for m in messages]))
+    monkeypatch.setattr(InProcessGrid, "push_messages", lambda self, messages: push(
+        self, [sent.append(m.metadata.message_type) or m for m in messages]))
     raw = tiny(federation={"num_clients": 3, "clients_per_round": 2, "rounds": 2})
     on, seen_on = run(tmp_path, raw, "on")
     assert sent.count("evaluate") == 4 and sent.count("train") == 4
