@@ -19,23 +19,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from federation import timed_run  # noqa: E402  (benchmarks/federation.py: this script's folder is on sys.path)
 
 from attacks.gradient_inversion import GradientInversion  # noqa: E402
 from attacks.recipe import recipe  # noqa: E402
 from fl_sim.base.logs import configure_console  # noqa: E402
 from fl_sim.data.images import TensorImageSet  # noqa: E402
 from fl_sim.data.sources import load_dataset  # noqa: E402
-from fl_sim.federation.server import run_engine  # noqa: E402
 from fl_sim.leakage.single_client import fedsgd_plan, observe  # noqa: E402
 from fl_sim.models import build_model  # noqa: E402
 from fl_sim.scenario import DataConfig, ModelConfig, scenario_from_dict  # noqa: E402
-from fl_sim.store import RunStore  # noqa: E402
 
 BATCHES = [1, 2, 4, 8, 16, 32, 64]
 SIZES = [32, 64, 128, 224]
@@ -68,13 +65,7 @@ def federation_round(clients: int) -> dict:
         "training": {"protocol": "fedsgd", "batch_size": 4, "lr": 0.1},
         "data": {"dataset": "mnist5k", "holdout_fraction": 0.0}, "model": {"name": "lenet"},
         "threat_model": {"record": "all"}})
-    with tempfile.TemporaryDirectory() as tmp:
-        store = RunStore.create(scenario, Path(tmp) / "run")
-        start = time.perf_counter()
-        run_engine(scenario, store, None)
-        total = time.perf_counter() - start
-        rows = (store.root / "metrics.csv").read_text().splitlines()[1:]
-        recording = sum(float(r.split(",")[-1]) for r in rows)
+    total, recording = timed_run(scenario)
     return {"clients": clients, "round_s": round(total, 2), "recording_s": round(recording, 2)}
 
 
