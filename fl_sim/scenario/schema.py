@@ -62,7 +62,8 @@ class FederationConfig(Section):
         True, description="each round, an evaluate message to the sampled clients: Flower's federated evaluation of "
                           "the new global model on their held-out data (metrics.csv eval_loss / eval_acc; needs "
                           "data.holdout_fraction > 0); false skips it, one ClientApp call per client and round fewer "
-                          "(a process each in a deployment); the server's test-set evaluation runs either way")
+                          "(a process each in a deployment); the server's test-set evaluation runs either way, and "
+                          "SecAgg+ runs never evaluate on clients")
 
     @model_validator(mode="after")
     def _fits(self) -> FederationConfig:
