@@ -80,7 +80,7 @@ def comparison_table(settings: list[Setting], rule: RecoveryRule) -> pd.DataFram
     for s in settings:
         recs = tables.reconstructions(s.run.results)
         head = tables.headline(recs, rule).set_index("attack") if not recs.empty else pd.DataFrame()
-        imgs = tables.images(s.run.results)
+        imgs = s.run.images
         recovered = tables.images_recovered(imgs, rule) if not imgs.empty else pd.Series(dtype=bool)
         bound = rero(s.run, imgs, rule)
         acc = _final_acc(s.run)

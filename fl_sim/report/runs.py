@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from fl_sim.report.tables import images
 from fl_sim.scenario import Scenario
 from fl_sim.store import METRIC_COLUMNS, PRIVACY_COLUMNS, RESULT_COLUMNS, RunStore
 
@@ -22,6 +24,11 @@ class RunData:
     metrics: pd.DataFrame  # one row per finished round (METRIC_COLUMNS)
     results: pd.DataFrame  # tidy leakage rows of finished rounds (RESULT_COLUMNS, value numeric)
     privacy: pd.DataFrame  # each client's budget against the curious server (PRIVACY_COLUMNS; empty without DP)
+
+    @cached_property
+    def images(self) -> pd.DataFrame:
+        """Each attacked ground-truth image with its own scores (:func:`fl_sim.report.tables.images`), pivoted once."""
+        return images(self.results)
 
     def client_epsilon(self) -> pd.Series:
         """client → its ε against the curious server (its defenses' ε summed: basic composition); empty without DP."""

@@ -16,6 +16,7 @@ import torch
 
 from defenses import AGGREGATE_CLIENT
 from fl_sim.leakage.grids import grid_image, load_round
+from fl_sim.leakage.scoring import UNPAIRED
 from fl_sim.report import tables
 from fl_sim.report.images import Picture
 from fl_sim.report.runs import RunData
@@ -58,7 +59,7 @@ class _Saved:
 
     def __init__(self, run: RunData, metric: str) -> None:
         self.layout, self.metric = RunLayout(run.root), metric
-        self.images = tables.images(run.results)
+        self.images = run.images
         recs = tables.reconstructions(run.results)
         self.failures = {(r.round, r.client, r.attack): r.failure or "failed"
                          for r in recs.itertuples(index=False) if r.failed}
@@ -89,7 +90,7 @@ class _Saved:
             scores = dict(zip(rows["image"], rows[self.metric], strict=True))
         else:
             scores = {}
-        return [_Found(None, math.nan, failure or "no reconstructed image was paired with this one")
+        return [_Found(None, math.nan, failure or UNPAIRED)
                 if j is None or "images" not in entry else _Found(entry["images"][j], scores.get(j, math.nan), "")
                 for j in index]
 
