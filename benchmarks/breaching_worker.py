@@ -6,7 +6,8 @@ A case file (torch.save) holds: attack (deepleakage | idlg | invertinggradients)
 resnet18), state (the fl-sim model's state_dict, copied in order into breaching's model), x (1, 3, 32, 32)
 in [0, 1], label, mean, std, batchnorm (train | eval), iterations, init_seed (the global seed breaching
 draws its start from: fl-sim's start seed, so both sides start from the same candidate), out (where the
-reconstruction goes).
+reconstruction goes), to_db and every (time to quality: every ``every`` iterations the PSNR of breaching's current
+iterate is checked, and the trial ends once it reaches ``to_db``; None: the full budget).
 Breaching's dataset code is bypassed as its README's custom-data path does: construct_model, an honest server
 with construct_server, UserSingleStep(dataloader=None), compute_local_updates(custom_data=...).
 """
@@ -17,6 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -54,6 +56,49 @@ def copy_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
             t.copy_(o)
 
 
+class TimeToQuality(list):
+    """Stands in for breaching's per-trial loss list (``stats["Trial_0_Val"]``, appended to once per iteration,
+    after the step and the box projection): every ``every`` appends it scores the current iterate and, at the
+    target, ends the trial the way breaching's loop allows — KeyboardInterrupt, which it catches and then returns
+    its best candidate."""
+
+    def __init__(self, truth: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, to_db: float, every: int) -> None:
+        super().__init__()
+        self.truth, self.mean, self.std, self.to_db, self.every = truth, mean, std, to_db, every
+        self.candidate: torch.Tensor | None = None  # breaching's iterate, set by the wrapped _compute_objective
+        self.start = time.perf_counter()
+        self.reached: tuple[float, int] | None = None
+
+    def append(self, value: float) -> None:
+        super().append(value)
+        if len(self) % self.every or self.candidate is None or self.reached is not None:
+            return
+        with torch.no_grad():
+            mse = float(((self.candidate * self.std + self.mean).clamp(0, 1) - self.truth).pow(2).mean())
+        if mse == 0 or 10 * math.log10(1 / mse) >= self.to_db:  # PSNR, data range 1 (skimage's definition)
+            self.reached = (time.perf_counter() - self.start, len(self))
+            raise KeyboardInterrupt
+
+
+def watch(attacker, truth: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, to_db: float,
+          every: int) -> TimeToQuality:
+    """Hooks a TimeToQuality into the attacker's trial 0 (its clock starts now)."""
+    watched = TimeToQuality(truth, mean, std, to_db, every)
+    run_trial, compute_objective = attacker._run_trial, attacker._compute_objective
+
+    def trial(rec_model, shared_data, labels, stats, index, *args, **kwargs):
+        if index == 0:
+            stats[f"Trial_{index}_Val"] = watched
+        return run_trial(rec_model, shared_data, labels, stats, index, *args, **kwargs)
+
+    def objective(candidate, *args, **kwargs):
+        watched.candidate = candidate
+        return compute_objective(candidate, *args, **kwargs)
+
+    attacker._run_trial, attacker._compute_objective = trial, objective
+    return watched
+
+
 def run(case: dict) -> dict:
     cfg = config(case)
     setup = dict(device=torch.device("cpu"), dtype=torch.float)
@@ -71,6 +116,8 @@ def run(case: dict) -> dict:
     shared, _ = user.compute_local_updates(payload, custom_data=dict(inputs=(case["x"] - mean) / std,
                                                                      labels=torch.tensor([case["label"]])))
     torch.manual_seed(case["init_seed"])  # breaching draws its start (randn; then DLG's label logits) from here
+    watched = (None if case.get("to_db") is None
+               else watch(attacker, case["x"], mean, std, case["to_db"], case["every"]))
     start = time.perf_counter()
     rec, stats = attacker.reconstruct([payload], [shared], server.secrets, dryrun=False)
     seconds = time.perf_counter() - start
@@ -80,8 +127,11 @@ def run(case: dict) -> dict:
     labels = rec["labels"]
     label = int(labels.argmax(-1)[0]) if labels.ndim > 1 else int(labels[0])
     gradient = [g.detach() for g in shared["gradients"]]
+    reached = None if watched is None else watched.reached
     return {"seconds": seconds, "iterations": iterations, "label": label,
-            "gradient_norm": float(torch.sqrt(sum(g.pow(2).sum() for g in gradient)))}
+            "gradient_norm": float(torch.sqrt(sum(g.pow(2).sum() for g in gradient))),
+            "seconds_to_target": None if reached is None else reached[0],
+            "iterations_to_target": None if reached is None else reached[1]}
 
 
 def main() -> None:

@@ -16,8 +16,13 @@ Prints JSON: one row per (attack, case, framework) — image, seed, iterations, 
 label right, success (PSNR ≥ 20 dB) — and per attack and framework the median PSNR, the share below 20 dB and
 the median seconds per iteration. Both sides are scored by fl-sim's metrics on the same [0, 1] images.
 
+Time to quality (``--to-db 40``): both sides check the PSNR of their current iterate every 10 iterations and stop
+once it reaches the target (``--iterations`` is then the cap, and sets both sides' step-lr milestones); a row adds
+the seconds and iterations to the target (null: not reached within the cap), the summary the median seconds with
+an unreached case counting as never (infinite), and the median per-case ratio where both reached it.
+
 Usage: uv run python benchmarks/vs_breaching.py [--attacks dlg idlg ggi ggi-train] [--cases 24]
-       [--iterations 200] [--worker-python PATH  (a Python that has breaching==0.1.2, instead of uv)]
+       [--iterations 200] [--to-db DB] [--worker-python PATH  (a Python that has breaching==0.1.2, instead of uv)]
        uv run python benchmarks/vs_breaching.py --summarize saved.json   (the summary of a saved output)
 """
 
@@ -30,6 +35,7 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -37,6 +43,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from attacks import build_attack  # noqa: E402
+from attacks.gradient_inversion import GradientInversion  # noqa: E402
+from attacks.recipe import recipe  # noqa: E402
 from fl_sim.base.streams import ATTACK_START  # noqa: E402
 from fl_sim.data.images import TensorImageSet  # noqa: E402
 from fl_sim.data.sources import load_dataset  # noqa: E402
@@ -52,6 +60,7 @@ BREACHING = ["uv", "run", "--isolated", "--no-project", "--with", "breaching==0.
 CIFAR10 = Normalization((0.4914672374725342, 0.4822617471218109, 0.4467701315879822),
                         (0.24703224003314972, 0.24348513782024384, 0.26158785820007324))
 SOURCES = ("cifar10-sample", "imagenet-sample", "photos")
+EVERY = 10  # iterations between the time-to-quality checks (fl-sim's monitor default)
 
 
 @dataclass(frozen=True)
@@ -88,13 +97,28 @@ def score(images: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     return float(psnr(images, truth)[0]), float(ssim(images, truth)[0])
 
 
-def ours(pair: Pairing, pixels: torch.Tensor, label: int, seed: int, iterations: int) -> tuple[dict, dict]:
-    """fl-sim's attack on the case, and the state dict it attacked."""
+def ours(pair: Pairing, pixels: torch.Tensor, label: int, seed: int, iterations: int,
+         to_db: float | None = None) -> tuple[dict, dict]:
+    """fl-sim's attack on the case (stopped at ``to_db`` dB when given), and the state dict it attacked."""
     model = build_model(ModelConfig(name=pair.model, stem="cifar"), 10, (3, 32, 32), seed=seed)
     pool = TensorImageSet(pixels[None], np.array([label]))
     obs, _ = observe(model, pool, [np.array([0])], fedsgd_plan(batchnorm=pair.batchnorm), CIFAR10, 10)
-    rec = build_attack(pair.ours, {"iterations": iterations, "seed": seed}).reconstruct(obs, model)
+    reached: dict[str, float] = {}
+    if to_db is None:
+        attack = build_attack(pair.ours, {"iterations": iterations, "seed": seed})
+    else:
+        truth = pool.images([0])
+
+        def monitor(iteration: int, images: torch.Tensor) -> bool:
+            if "seconds" not in reached and float(psnr(images, truth)[0]) >= to_db:
+                reached.update(seconds=time.perf_counter() - start, iterations=iteration)
+            return "seconds" in reached
+
+        attack = GradientInversion(pair.ours, recipe(pair.ours, iterations=iterations, seed=seed), monitor)
+    start = time.perf_counter()
+    rec = attack.reconstruct(obs, model)
     row = {"seconds_per_iteration": rec.seconds / max(rec.iterations, 1), "iterations": rec.iterations,
+           "seconds_to_target": reached.get("seconds"), "iterations_to_target": reached.get("iterations"),
            "label": None if rec.labels is None else int(rec.labels[0]), "failure": rec.failure,
            "gradient_norm": float(torch.sqrt(sum(obs.update[n].pow(2).sum() for n, _ in model.named_parameters())))}
     if rec.images.shape[0]:
@@ -112,12 +136,12 @@ class Breaching:
         self.tmp = Path(tempfile.mkdtemp(prefix="vs-breaching-"))
 
     def __call__(self, pair: Pairing, state: dict, pixels: torch.Tensor, label: int, seed: int,
-                 iterations: int) -> dict:
+                 iterations: int, to_db: float | None = None) -> dict:
         case, out = self.tmp / "case.pt", self.tmp / "rec.pt"
         x = pixels[None].float() / 255
         torch.save({"attack": pair.theirs, "model": pair.breaching_model, "state": state, "x": x, "label": label,
                     "mean": list(CIFAR10.mean), "std": list(CIFAR10.std), "batchnorm": pair.batchnorm,
-                    "iterations": iterations, "out": str(out),
+                    "iterations": iterations, "out": str(out), "to_db": to_db, "every": EVERY,
                     # fl-sim's start for this case (restart 0, round 1, client 0): torch.randn from a generator
                     # with this seed is the candidate (then DLG's label logits) both sides start from
                     "init_seed": ATTACK_START.seed(seed, 0, 1, 0)}, case)
@@ -129,7 +153,8 @@ class Breaching:
             return {"failure": answer["error"]}
         row = {"seconds_per_iteration": answer["seconds"] / max(answer["iterations"], 1),
                "iterations": answer["iterations"], "label": answer["label"], "failure": None,
-               "gradient_norm": answer["gradient_norm"]}
+               "gradient_norm": answer["gradient_norm"], "seconds_to_target": answer.get("seconds_to_target"),
+               "iterations_to_target": answer.get("iterations_to_target")}
         row["psnr"], row["ssim"] = score(torch.load(out), x)
         return row
 
@@ -162,13 +187,33 @@ def summarize(out: dict) -> None:
             entry["median_seconds_per_iteration_where_both_recovered"] = (
                 round(float(np.median([mine[k]["seconds_per_iteration"] for k in both])), 4) if both else None)
             out["summary"].setdefault(attack, {})[side] = entry
+        if out.get("to_db") is not None:
+            time_to_quality(out["summary"][attack], rows)
+
+
+def time_to_quality(entries: dict[str, dict], rows: dict[str, dict[int, dict]]) -> None:
+    """Per side: cases that reached the target, the median seconds to it (a case that never reached it counts
+    as infinitely slow; null when the median is such a case), and fl-sim ÷ breaching per case where both did."""
+    for side, mine in rows.items():
+        seconds = [r["seconds_to_target"] if r.get("seconds_to_target") is not None else np.inf
+                   for r in mine.values()]
+        median = float(np.median(seconds)) if seconds else np.inf
+        entries[side].update(reached_target=int(np.isfinite(seconds).sum()),
+                             median_seconds_to_target=round(median, 2) if np.isfinite(median) else None)
+    both = [k for k, r in rows["fl-sim"].items() if r.get("seconds_to_target") is not None
+            and rows["breaching"].get(k, {}).get("seconds_to_target") is not None]
+    ratios = [rows["fl-sim"][k]["seconds_to_target"] / rows["breaching"][k]["seconds_to_target"] for k in both]
+    entries["fl-sim"].update(cases_both_reached=len(both),
+                             median_ratio_where_both_reached=round(float(np.median(ratios)), 3) if both else None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", nargs="+", choices=list(PAIRINGS), default=list(PAIRINGS))
     parser.add_argument("--cases", type=int, default=24)
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--iterations", type=int, default=200, help="the budget (with --to-db: the cap)")
+    parser.add_argument("--to-db", type=float, help="time to quality: stop each side once its iterate reaches this "
+                        "PSNR (checked every 10 iterations)")
     parser.add_argument("--worker-python", help="a Python with breaching==0.1.2 installed (default: uv --isolated)")
     parser.add_argument("--summarize", metavar="JSON", help="recompute the summary of a saved output and print it")
     args = parser.parse_args()
@@ -180,7 +225,8 @@ def main() -> None:
         return
     torch.set_num_threads(torch.get_num_threads())
     theirs = Breaching(args.worker_python)
-    out: dict = {"benchmark": "vs_breaching", "iterations": args.iterations, "threads": torch.get_num_threads(),
+    out: dict = {"benchmark": "vs_breaching", "iterations": args.iterations, "to_db": args.to_db,
+                 "threads": torch.get_num_threads(),
                  "normalisation": "CIFAR-10 (breaching's constants)", "rows": [], "summary": {}}
     try:
         for attack in args.attacks:
@@ -194,9 +240,9 @@ def main() -> None:
                         state = build_model(ModelConfig(name=pair.model, stem="cifar"), 10, (3, 32, 32),
                                             seed=k).state_dict()
                     if side == "fl-sim":
-                        runs[side], state = ours(pair, pixels, label, k, args.iterations)
+                        runs[side], state = ours(pair, pixels, label, k, args.iterations, args.to_db)
                     else:
-                        runs[side] = theirs(pair, state, pixels, label, k, args.iterations)
+                        runs[side] = theirs(pair, state, pixels, label, k, args.iterations, args.to_db)
                 a, b = runs["fl-sim"].get("gradient_norm"), runs["breaching"].get("gradient_norm")
                 if a is not None and b is not None and abs(a - b) > 1e-4 * max(a, b):
                     raise SystemExit(f"{attack} case {k}: the two sides observed different gradients ({a} vs {b})")
@@ -204,8 +250,8 @@ def main() -> None:
                     row.update(attack=attack, framework=side, image=f"{source}[{index}]", seed=k,
                                label_right=row.get("label") == label, success=row.get("psnr", 0.0) >= 20)
                     out["rows"].append(row)
-                    print(json.dumps({key: row.get(key) for key in ("attack", "framework", "image", "psnr",
-                                                                     "seconds_per_iteration")}), file=sys.stderr)
+                    shown = ("attack", "framework", "image", "psnr", "seconds_per_iteration", "seconds_to_target")
+                    print(json.dumps({key: row.get(key) for key in shown}), file=sys.stderr)
     finally:
         theirs.close()
     summarize(out)

@@ -339,7 +339,7 @@ def comparison(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     raw = tiny(name="cmp", federation={"num_clients": 4, "clients_per_round": 4, "rounds": 2},
                training={"protocol": "fedsgd", "batch_size": 1, "lr": 0.1},
-               threat_model={"rounds": [1], "record": "attacked"},
+               threat_model={"rounds": [1], "record": "attacked", "baseline": False},  # priors-only: tests/test_rero
                attacks=[{"name": "dlg", "iterations": 60}],
                metrics=["psnr", "ssim", "mse"])
     raw["compare"] = {"defenses": [{"name": "dp", "clip": 1.0, "sigma": [0.01, 0.1]},
