@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.text import Text
 
-from fl_sim.report.comparison import privacy_utility_figure
+from fl_sim.report.comparison import panel_line, privacy_utility_figure
 from fl_sim.report.plots import attack_colors
 
 
@@ -76,3 +76,14 @@ def test_the_overlap_check_catches_labels_at_their_points():
     found = problems(fig)
     assert any(p.startswith("overlap") for p in found) and any(p.startswith("outside") for p in found)
     plt.close(fig)
+
+
+def test_a_swept_key_point_of_one_setting_shows_its_reconstructions_spread_and_of_several_their_means_spread():
+    rows = pd.DataFrame({"sigma": [0.1, 0.01, 0.01], "psnr_mean": [12.0, 20.0, 30.0], "psnr_std": [1.5, 2.0, 4.0],
+                         "images_recovered_fraction": [0.0, 0.5, 1.0]})
+    line = panel_line(rows, "sigma", "psnr_mean", [0.01, 0.1, 1.0])
+    assert list(line.index) == [0.01, 0.1]  # the values' order; a value without rows is left out
+    assert line.loc[0.01, "mean"] == 25.0 and line.loc[0.01, "std"] == np.std([20.0, 30.0], ddof=1)
+    assert line.loc[0.1, "mean"] == 12.0 and line.loc[0.1, "std"] == 1.5  # one setting: its own std
+    fraction = panel_line(rows, "sigma", "images_recovered_fraction", [0.01, 0.1])
+    assert fraction.loc[0.01, "mean"] == 0.75 and np.isnan(fraction.loc[0.1, "std"])

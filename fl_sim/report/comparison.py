@@ -164,7 +164,8 @@ def _cell_value(value: Any) -> Any:
 def key_panels(table: pd.DataFrame, key: str, others: list[str], colors: dict[str, str]) -> bytes:
     """MSE, SSIM, PSNR and the fraction of attacked images recovered against one swept key: a line per attack and
     defense — and per value of the ``others`` swept keys when that makes at most :data:`MAX_LINES` lines, else
-    their settings averaged (mean ± std of the settings' means)."""
+    their settings averaged. Error bars: the std of the settings' means where a point averages settings, else the
+    setting's std over its reconstructions."""
     values = list(dict.fromkeys(table[key]))
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     position = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
@@ -175,7 +176,7 @@ def key_panels(table: pd.DataFrame, key: str, others: list[str], colors: dict[st
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), layout="constrained")
     for ax, score in zip(axes, ("mse_mean", "ssim_mean", "psnr_mean", "images_recovered_fraction"), strict=True):
         for name, rows in table.groupby(series):
-            line = rows.groupby(key, sort=False)[score].agg(["mean", "std"]).reindex(values).dropna(how="all")
+            line = panel_line(rows, key, score, values)
             ax.errorbar([position[v] for v in line.index], line["mean"], yerr=line["std"], marker="o", ms=4,
                         capsize=3, color=colors[name[0]], ls=styles[name],
                         label=", ".join(f"{k.rsplit('.', 1)[-1]}={v}" if k in others else str(v)
@@ -187,6 +188,17 @@ def key_panels(table: pd.DataFrame, key: str, others: list[str], colors: dict[st
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, title=", ".join(k.rsplit(".", 1)[-1] for k in series), title_fontsize=7)
     return png(fig)
+
+
+def panel_line(rows: pd.DataFrame, key: str, score: str, values: list[Any]) -> pd.DataFrame:
+    """One line of :func:`key_panels`: per value of ``key`` (in ``values``' order, absent ones left out) the mean of
+    the rows' ``score`` and its error bar — the std of the rows' values where a point has several rows (settings),
+    else that row's ``<metric>_std`` (its spread over the reconstructions; none for a fraction)."""
+    grouped = rows.groupby(key, sort=False)
+    line = grouped[score].agg(["mean", "std", "size"])
+    if score.endswith("_mean"):
+        line["std"] = line["std"].where(line["size"] > 1, grouped[score.replace("_mean", "_std")].first())
+    return line[["mean", "std"]].reindex(values).dropna(how="all")
 
 
 def _final_acc(run: RunData) -> float:
@@ -257,22 +269,6 @@ def swept_parameter(settings: list[Setting]) -> tuple[str, str, dict[str, float]
     return specs[0][0].name, varying[0], dict(zip(labels, map(float, values), strict=True))
 
 
-def sweep_plot(table: pd.DataFrame, sweep: tuple[str, str, dict[str, float]], colors: dict[str, str]) -> bytes:
-    """MSE, SSIM and PSNR (mean ± std over the reconstructions) against the swept parameter, per attack."""
-    name, key, values = sweep
-    rows = table[table["setting"].isin(values)].assign(x=lambda t: t["setting"].map(values)).sort_values("x")
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
-    for ax, score in zip(axes, ("mse", "ssim", "psnr"), strict=True):
-        for attack, line in rows.groupby("attack"):
-            ax.errorbar(line["x"], line[f"{score}_mean"], yerr=line[f"{score}_std"], marker="o", ms=4, capsize=3,
-                        color=colors[attack], label=attack)
-        ax.set_xlabel(f"{name} {key}")
-        ax.set_ylabel(label(score))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, title="attack (mean ± std)", title_fontsize=8)
-    return png(fig)
-
-
 def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "ssim", keys: list[str] | None = None,
                      rule: RecoveryRule = tables.DEFAULT_RULE) -> Path:
     """comparison.html / .md / .csv in ``out`` from the setting run folders (``keys``: the swept scenario keys);
@@ -292,10 +288,14 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
                    "and attack")
     grids = setting_grids([s.run for s in settings], [(s.label, s.parameters) for s in settings], attacks, files,
                           metric)
-    sweep = swept_parameter(settings)
-    sweep_picture = None if sweep is None or table.empty else Picture(
-        f"{files}/sweep.png", sweep_plot(table, sweep, colors),
-        f"MSE, SSIM and PSNR against {sweep[0]} {sweep[1]} (mean ± std over the reconstructions)")
+    sweep, sweep_picture = swept_parameter(settings), None
+    if sweep is not None and not table.empty:  # one defense's one parameter: plotted as a swept key
+        defense, parameter, values = sweep
+        column = f"{defense}.{parameter}"
+        rows = table[table["setting"].isin(values)].assign(**{column: lambda t: t["setting"].map(values)})
+        sweep_picture = Picture(f"{files}/sweep.png", key_panels(rows.sort_values(column), column, [], colors),
+                                f"MSE, SSIM, PSNR and the fraction of attacked images recovered against {defense} "
+                                f"{parameter} (mean ± std over the reconstructions)")
     panels = [Picture(f"{files}/by-{file_slug(key)}.png", key_panels(table, key, [k for k in keys if k != key], colors),
                       f"MSE, SSIM, PSNR and the fraction of attacked images recovered against {key}")
               for key in keys or [] if not table.empty and table[key].nunique() > 1]
@@ -303,7 +303,7 @@ def build_comparison(out: Path, run_dirs: list[Path], name: str, metric: str = "
     context = {
         "title": f"fl-sim defense comparison: {name}",
         "settings": settings, "colors": colors, "plot": plot, "grids": grids, "rule": str(rule), "sweep": sweep_picture,
-        "panels": panels,
+        "panels": panels, "max_lines": MAX_LINES,
         "metric": label(metric), "summary": _display(table, rule, unavailable),
         "confidence": f"one-sided {KAPPA_CONFIDENCE:.0%} Clopper–Pearson",
         "unavailable": {label(k): v for k, v in unavailable.items()},
