@@ -32,6 +32,7 @@ class Setting:
     batchnorm: str = "train"  # BatchNorm mode in local training
     local_steps: int = 1
     local_epochs: int = 0  # FedAvg: passes over the shard (0: local_steps batches)
+    device: str = "auto"  # the scenario's device: auto | cpu | cuda
 
 
 class Target(StrEnum):

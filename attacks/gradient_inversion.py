@@ -36,6 +36,7 @@ from attacks.regularizers import (
 )
 from attacks.simulate import ClientSimulator, UnsupportedObservation
 from fl_sim.base.cpu import tuned_for
+from fl_sim.base.precision import arithmetic, unavailable
 from fl_sim.base.streams import ATTACK_START
 from fl_sim.observation import Observation
 from fl_sim.observation.capabilities import Capability
@@ -95,11 +96,15 @@ class GradientInversion(ObservationAttack):
         if r.epochs == "separate" and not (setting.protocol == "fedavg" and setting.local_epochs > 1):
             return ("epochs = 'separate' replays local epochs: it needs training.protocol = 'fedavg' with "
                     "local_epochs > 1")
+        if setting.device != "auto":  # 'auto' is known at run time (then a failed reconstruction)
+            return unavailable(r.precision, torch.device(setting.device))
         return None
 
     def reconstruct(self, obs: Observation, model: nn.Module,
                     oracle_labels: torch.Tensor | None = None) -> Reconstruction:
         device = next(model.parameters()).device
+        if (why := unavailable(self.recipe.precision, device)) is not None:  # device = 'auto' found no CUDA
+            return self._failed(obs, why)
         with tuned_for(model, device):
             if self.recipe.compile and oracle_labels is None and unbatchable(self.recipe, [obs], model) is None:
                 return self._reconstruct_batched([obs], model, device)[0]  # compiling needs the functional step
@@ -142,11 +147,15 @@ class GradientInversion(ObservationAttack):
             logits0 = (torch.randn(sim.num_images, obs.num_classes, generator=gen).to(device)
                        if self.joint_labels else None)
             ties.append(EpochTie(sim.copies, sim.num_images, labels))
-            trials.append(optimize(objective, z0, logits0, r, bounds, monitor=self._watch(obs),
-                                   desc=f"{self.name} round {obs.server_round} client {obs.client}"))
+            with arithmetic(r.precision, device):
+                trials.append(optimize(objective, z0, logits0, r, bounds, monitor=self._watch(obs),
+                                       desc=f"{self.name} round {obs.server_round} client {obs.client}"))
             if sim.copies > 1:  # the epochs' copies merged into the N images
                 trials[-1] = dataclasses.replace(trials[-1], z=ties[-1].merged(trials[-1].z))
         return self._result(trials, labels, obs, time.perf_counter() - start)
+
+    def _failed(self, obs: Observation, why: str) -> Reconstruction:
+        return Reconstruction(torch.zeros(0, *obs.image_shape), None, self.recipe.labels, failure=why)
 
     def _watch(self, obs: Observation) -> Monitor | None:
         """The benchmark monitor on images in [0, 1] (the optimisers hand it z in the model's input space)."""
@@ -171,6 +180,8 @@ class GradientInversion(ObservationAttack):
         if alone or not self.recipe.batched or unbatchable(self.recipe, observations, model) is not None:
             return [self.reconstruct(obs, model) for obs in observations]
         device = next(model.parameters()).device
+        if (why := unavailable(self.recipe.precision, device)) is not None:
+            return [self._failed(obs, why) for obs in observations]
         with tuned_for(model, device):
             return self._reconstruct_batched(observations, model, device)
 
@@ -196,7 +207,8 @@ class GradientInversion(ObservationAttack):
                 problems.append(Problem(sim.target, labels, z0, logits0))
                 owners.append(i)
         matching = BatchedMatching(model, observations[0], budgeted(r, observations[0].meta.batch_size), priors, device)
-        trials = matching.solve(problems, self._watch(observations[0])) if problems else []
+        with arithmetic(r.precision, device):
+            trials = matching.solve(problems, self._watch(observations[0])) if problems else []
         seconds = (time.perf_counter() - start) / len(observations)
         out: list[Reconstruction] = []
         for i, obs in enumerate(observations):

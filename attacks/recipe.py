@@ -70,6 +70,9 @@ class Recipe(BaseModel):
     batched: bool = Field(False, description="solve a round's attacked clients (and restarts) as one vmapped "
                           "problem (FedSGD with Adam): faster, but equal to one by one only up to float drift that "
                           "the optimiser amplifies, so off by default (attacks/batched.py)")
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="the optimisation's matrix products and convolutions: IEEE float32 (on CUDA too: "
+                            "TF32 off), TensorFloat-32 (CUDA) or bfloat16 autocast (fl_sim.base.precision)")
     compile: bool = Field(False, description="torch.compile the functional matching step (FedSGD with Adam): a "
                           "one-time compilation (0.7-12 s LeNet, 81-86 s ResNet-18 on 2 CPU cores, cached on disk; "
                           "benchmarks/batched_attacks.py), then 1.5-2.3x faster iterations")

@@ -3,8 +3,9 @@
 answers one JSON line per case.
 
 A case file (torch.save) holds: attack (deepleakage | idlg | invertinggradients), model (lenet_zhu |
-resnet18), state (the fl-sim model's state_dict, copied in order into breaching's model), x (1, 3, 32, 32)
-in [0, 1], label, mean, std, batchnorm (train | eval), iterations, init_seed (the global seed breaching
+resnet18 | resnet50), case (breaching's case config) and data (its case/data config, or None: the case's own),
+device (cpu | cuda), state (the fl-sim model's state_dict, copied in order into breaching's model), x (B, 3, H, W)
+in [0, 1], labels (B,), mean, std, batchnorm (train | eval), iterations, init_seed (the global seed breaching
 draws its start from: fl-sim's start seed, so both sides start from the same candidate), out (where the
 reconstruction goes), to_db and every (time to quality: every ``every`` iterations the PSNR of breaching's current
 iterate is checked, and the trial ends once it reaches ``to_db``; None: the full budget).
@@ -35,10 +36,12 @@ ATTACKS = {  # breaching's attack config and the overrides the issue names
 
 def config(case: dict):
     attack, extra = ATTACKS[case["attack"]]
-    overrides = ["case=1_single_image_small", f"case.model={case['model']}", f"attack={attack}",
+    data = [f"case/data={case['data']}", "case.data.classes=10"] if case.get("data") else []  # fl-sim's 10 classes
+    overrides = [f"case={case.get('case', '1_single_image_small')}", *data, f"case.model={case['model']}",
+                 f"attack={attack}",
                  "case.server.pretrained=False", "case.server.model_state=trained",  # keep the copied weights
                  f"case.server.provide_public_buffers={case['batchnorm'] == 'eval'}",
-                 "case.user.provide_labels=False", "case.user.num_data_points=1",
+                 "case.user.provide_labels=False", f"case.user.num_data_points={len(case['labels'])}",
                  f"attack.optim.max_iterations={case['iterations']}", "attack.optim.callback=100000", *extra]
     return breaching.get_config(overrides=overrides)
 
@@ -101,34 +104,39 @@ def watch(attacker, truth: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, 
 
 def run(case: dict) -> dict:
     cfg = config(case)
-    setup = dict(device=torch.device("cpu"), dtype=torch.float)
+    device = torch.device(case.get("device", "cpu"))
+    setup = dict(device=device, dtype=torch.float)
     model, loss_fn = breaching.cases.construct_model(cfg.case.model, cfg.case.data, pretrained=False)
     copy_state(model, case["state"])
+    model.to(device)
     server = breaching.cases.construct_server(model, loss_fn, cfg.case, setup)
     model = server.vet_model(model)
     user = UserSingleStep(model, loss_fn, dataloader=None, setup=setup, idx=0, cfg_user=cfg.case.user)
     user.data_key = "inputs"
-    mean = torch.tensor(case["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(case["std"]).view(1, -1, 1, 1)
+    mean = torch.tensor(case["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(case["std"], device=device).view(1, -1, 1, 1)
+    x = case["x"].to(device)
     cfg.case.data.mean, cfg.case.data.std = list(case["mean"]), list(case["std"])
     attacker = breaching.attacks.prepare_attack(server.model, server.loss, cfg.attack, setup)
     payload = server.distribute_payload()
-    shared, _ = user.compute_local_updates(payload, custom_data=dict(inputs=(case["x"] - mean) / std,
-                                                                     labels=torch.tensor([case["label"]])))
+    shared, _ = user.compute_local_updates(payload, custom_data=dict(
+        inputs=(x - mean) / std, labels=torch.tensor(case["labels"], device=device)))
     torch.manual_seed(case["init_seed"])  # breaching draws its start (randn; then DLG's label logits) from here
     watched = (None if case.get("to_db") is None
-               else watch(attacker, case["x"], mean, std, case["to_db"], case["every"]))
+               else watch(attacker, x, mean, std, case["to_db"], case["every"]))
     start = time.perf_counter()
     rec, stats = attacker.reconstruct([payload], [shared], server.secrets, dryrun=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     iterations = len(stats.get("Trial_0_Val", [])) or case["iterations"]
-    images = (rec["data"].detach() * std + mean).clamp(0, 1)
+    images = (rec["data"].detach() * std + mean).clamp(0, 1).cpu()
     torch.save(images, case["out"])
     labels = rec["labels"]
-    label = int(labels.argmax(-1)[0]) if labels.ndim > 1 else int(labels[0])
+    labels = labels.argmax(-1) if labels.ndim > 1 else labels
     gradient = [g.detach() for g in shared["gradients"]]
     reached = None if watched is None else watched.reached
-    return {"seconds": seconds, "iterations": iterations, "label": label,
+    return {"seconds": seconds, "iterations": iterations, "labels": [int(v) for v in labels],
             "gradient_norm": float(torch.sqrt(sum(g.pow(2).sum() for g in gradient))),
             "seconds_to_target": None if reached is None else reached[0],
             "iterations_to_target": None if reached is None else reached[1]}

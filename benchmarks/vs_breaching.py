@@ -11,6 +11,9 @@ benchmarks/breaching_worker.py); it is never a dependency of the product.
     fl-sim dlg  ↔ breaching deepleakage                      (DLG LeNet, joint labels, L-BFGS)
     fl-sim idlg ↔ breaching deepleakage, attack_type=optimization, label_strategy=iDLG
     fl-sim ggi  ↔ breaching invertinggradients               (ResNet-18, CIFAR stem; BatchNorm eval or train)
+    ggi-r50-224: GGI on ResNet-50 (ImageNet stem), 224 px, batch 8 of the photos / imagenet-sample, ImageNet
+                 normalisation (breaching's 5_small_batch_imagenet case on ImageNet's data config) — the GPU case;
+                 batches are scored after one-to-one pairing
 
 Prints JSON: one row per (attack, case, framework) — image, seed, iterations, seconds per iteration, PSNR, SSIM,
 label right, success (PSNR ≥ 20 dB) — and per attack and framework the median PSNR, the share below 20 dB and
@@ -21,8 +24,9 @@ once it reaches the target (``--iterations`` is then the cap, and sets both side
 the seconds and iterations to the target (null: not reached within the cap), the summary the median seconds with
 an unreached case counting as never (infinite), and the median per-case ratio where both reached it.
 
-Usage: uv run python benchmarks/vs_breaching.py [--attacks dlg idlg ggi ggi-train] [--cases 24]
-       [--iterations 200] [--to-db DB] [--worker-python PATH  (a Python that has breaching==0.1.2, instead of uv)]
+Usage: uv run python benchmarks/vs_breaching.py [--attacks dlg idlg ggi ggi-train ggi-r50-224] [--cases 24]
+       [--iterations 200] [--to-db DB] [--device cpu|cuda]
+       [--worker-python PATH  (a Python that has breaching==0.1.2, instead of uv)]
        uv run python benchmarks/vs_breaching.py --summarize saved.json   (the summary of a saved output)
 """
 
@@ -49,6 +53,7 @@ from fl_sim.base.streams import ATTACK_START  # noqa: E402
 from fl_sim.data.images import TensorImageSet  # noqa: E402
 from fl_sim.data.sources import load_dataset  # noqa: E402
 from fl_sim.leakage.metrics import psnr, ssim  # noqa: E402
+from fl_sim.leakage.scoring import pair as pair_images  # noqa: E402
 from fl_sim.leakage.single_client import fedsgd_plan, observe  # noqa: E402
 from fl_sim.models import build_model  # noqa: E402
 from fl_sim.observation import Normalization  # noqa: E402
@@ -63,6 +68,10 @@ SOURCES = ("cifar10-sample", "imagenet-sample", "photos")
 EVERY = 10  # iterations between the time-to-quality checks (fl-sim's monitor default)
 
 
+# breaching's ImageNet data config (case/data/ImageNet.yaml)
+IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 @dataclass(frozen=True)
 class Pairing:
     ours: str  # fl-sim preset
@@ -70,6 +79,13 @@ class Pairing:
     model: str  # fl-sim model name
     breaching_model: str
     batchnorm: str
+    size: int = 32  # image side (px)
+    batch: int = 1  # images per client
+    stem: str = "cifar"  # fl-sim's ResNet stem
+    case: str = "1_single_image_small"  # breaching's case config
+    data: str | None = None  # breaching's case/data config, when not the case's own
+    norm: Normalization = CIFAR10
+    sources: tuple[str, ...] = SOURCES
 
 
 PAIRINGS = {
@@ -77,53 +93,70 @@ PAIRINGS = {
     "idlg": Pairing("idlg", "idlg", "lenet", "lenet_zhu", "train"),
     "ggi": Pairing("ggi", "invertinggradients", "resnet18", "resnet18", "eval"),
     "ggi-train": Pairing("ggi", "invertinggradients", "resnet18", "resnet18", "train"),
+    # issue 21's GPU case: ResNet-50 (ImageNet stem), 224 px, batch 8, ImageNet normalisation
+    "ggi-r50-224": Pairing("ggi", "invertinggradients", "resnet50", "resnet50", "eval", size=224, batch=8,
+                           stem="imagenet", case="5_small_batch_imagenet", data="ImageNet", norm=IMAGENET,
+                           sources=("photos", "imagenet-sample")),
 }
 
 
-def cases(n: int) -> list[tuple[str, int, torch.Tensor, int]]:
-    """(source, index, uint8 image (3, 32, 32), label mod 10): the sources in turn, first images first."""
-    pools = {s: load_dataset(DataConfig(dataset=s, image_size=32))
-             for s in SOURCES}
+@dataclass(frozen=True)
+class Case:
+    image: str  # "source[first index]"
+    pixels: torch.Tensor  # (B, 3, S, S) uint8
+    labels: list[int]  # (B,) mod 10
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.pixels.float() / 255
+
+
+def cases(n: int, pair: Pairing) -> list[Case]:
+    """The pairing's sources in turn, each case the next ``pair.batch`` images of its source (wrapping around)."""
+    pools = {s: load_dataset(DataConfig(dataset=s, image_size=pair.size)).train for s in pair.sources}
     out = []
     for k in range(n):
-        source = SOURCES[k % len(SOURCES)]
-        train, i = pools[source].train, k // len(SOURCES)
-        x, y = train.batch([i])
-        out.append((source, i, (x[0] * 255).round().to(torch.uint8), int(y[0]) % 10))
+        source = pair.sources[k % len(pair.sources)]
+        first = k // len(pair.sources) * pair.batch
+        x, y = pools[source].batch([(first + i) % len(pools[source]) for i in range(pair.batch)])
+        out.append(Case(f"{source}[{first}]", (x * 255).round().to(torch.uint8), [int(v) % 10 for v in y]))
     return out
 
 
 def score(images: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
-    return float(psnr(images, truth)[0]), float(ssim(images, truth)[0])
+    """Mean PSNR and SSIM of the reconstructions paired one-to-one with the true images."""
+    i, j = pair_images(images, truth)
+    return float(np.mean(psnr(images[i], truth[j]))), float(np.mean(ssim(images[i], truth[j])))
 
 
-def ours(pair: Pairing, pixels: torch.Tensor, label: int, seed: int, iterations: int,
-         to_db: float | None = None) -> tuple[dict, dict]:
+def ours(pair: Pairing, case: Case, seed: int, iterations: int, to_db: float | None = None,
+         device: str = "cpu") -> tuple[dict, dict]:
     """fl-sim's attack on the case (stopped at ``to_db`` dB when given), and the state dict it attacked."""
-    model = build_model(ModelConfig(name=pair.model, stem="cifar"), 10, (3, 32, 32), seed=seed)
-    pool = TensorImageSet(pixels[None], np.array([label]))
-    obs, _ = observe(model, pool, [np.array([0])], fedsgd_plan(batchnorm=pair.batchnorm), CIFAR10, 10)
+    shape = (3, pair.size, pair.size)
+    model = build_model(ModelConfig(name=pair.model, stem=pair.stem), 10, shape, seed=seed)
+    pool = TensorImageSet(case.pixels, np.array(case.labels))
+    obs, _ = observe(model, pool, [np.arange(pair.batch)], fedsgd_plan(batch_size=pair.batch,
+                                                                       batchnorm=pair.batchnorm), pair.norm, 10)
     reached: dict[str, float] = {}
+    truth = pool.images(list(range(pair.batch)))
     if to_db is None:
         attack = build_attack(pair.ours, {"iterations": iterations, "seed": seed})
     else:
-        truth = pool.images([0])
-
         def monitor(iteration: int, images: torch.Tensor) -> bool:
-            if "seconds" not in reached and float(psnr(images, truth)[0]) >= to_db:
+            if "seconds" not in reached and score(images, truth)[0] >= to_db:
                 reached.update(seconds=time.perf_counter() - start, iterations=iteration)
             return "seconds" in reached
 
         attack = GradientInversion(pair.ours, recipe(pair.ours, iterations=iterations, seed=seed), monitor)
     start = time.perf_counter()
-    rec = attack.reconstruct(obs, model)
+    rec = attack.reconstruct(obs, model.to(device))
     row = {"seconds_per_iteration": rec.seconds / max(rec.iterations, 1), "iterations": rec.iterations,
            "seconds_to_target": reached.get("seconds"), "iterations_to_target": reached.get("iterations"),
-           "label": None if rec.labels is None else int(rec.labels[0]), "failure": rec.failure,
+           "labels": None if rec.labels is None else [int(v) for v in rec.labels], "failure": rec.failure,
            "gradient_norm": float(torch.sqrt(sum(obs.update[n].pow(2).sum() for n, _ in model.named_parameters())))}
     if rec.images.shape[0]:
-        row["psnr"], row["ssim"] = score(rec.images, pool.images([0]))
-    return row, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        row["psnr"], row["ssim"] = score(rec.images, truth)
+    return row, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 class Breaching:
@@ -135,27 +168,28 @@ class Breaching:
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.tmp = Path(tempfile.mkdtemp(prefix="vs-breaching-"))
 
-    def __call__(self, pair: Pairing, state: dict, pixels: torch.Tensor, label: int, seed: int,
-                 iterations: int, to_db: float | None = None) -> dict:
-        case, out = self.tmp / "case.pt", self.tmp / "rec.pt"
-        x = pixels[None].float() / 255
-        torch.save({"attack": pair.theirs, "model": pair.breaching_model, "state": state, "x": x, "label": label,
-                    "mean": list(CIFAR10.mean), "std": list(CIFAR10.std), "batchnorm": pair.batchnorm,
+    def __call__(self, pair: Pairing, state: dict, case: Case, seed: int, iterations: int,
+                 to_db: float | None = None, device: str = "cpu") -> dict:
+        path, out = self.tmp / "case.pt", self.tmp / "rec.pt"
+        torch.save({"attack": pair.theirs, "model": pair.breaching_model, "state": state, "x": case.x,
+                    "labels": case.labels, "case": pair.case, "data": pair.data, "device": device,
+                    "mean": list(pair.norm.mean), "std": list(pair.norm.std), "batchnorm": pair.batchnorm,
                     "iterations": iterations, "out": str(out), "to_db": to_db, "every": EVERY,
                     # fl-sim's start for this case (restart 0, round 1, client 0): torch.randn from a generator
-                    # with this seed is the candidate (then DLG's label logits) both sides start from
-                    "init_seed": ATTACK_START.seed(seed, 0, 1, 0)}, case)
+                    # with this seed is the candidate (then DLG's label logits) both sides start from (on CPU;
+                    # on CUDA breaching draws from the GPU's generator, another start)
+                    "init_seed": ATTACK_START.seed(seed, 0, 1, 0)}, path)
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{case}\n")
+        self.proc.stdin.write(f"{path}\n")
         self.proc.stdin.flush()
         answer = json.loads(self.proc.stdout.readline())
         if "error" in answer:
             return {"failure": answer["error"]}
         row = {"seconds_per_iteration": answer["seconds"] / max(answer["iterations"], 1),
-               "iterations": answer["iterations"], "label": answer["label"], "failure": None,
+               "iterations": answer["iterations"], "labels": answer["labels"], "failure": None,
                "gradient_norm": answer["gradient_norm"], "seconds_to_target": answer.get("seconds_to_target"),
                "iterations_to_target": answer.get("iterations_to_target")}
-        row["psnr"], row["ssim"] = score(torch.load(out), x)
+        row["psnr"], row["ssim"] = score(torch.load(out), case.x)
         return row
 
     def close(self) -> None:
@@ -209,12 +243,13 @@ def time_to_quality(entries: dict[str, dict], rows: dict[str, dict[int, dict]]) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attacks", nargs="+", choices=list(PAIRINGS), default=list(PAIRINGS))
+    parser.add_argument("--attacks", nargs="+", choices=list(PAIRINGS), default=["dlg", "idlg", "ggi", "ggi-train"])
     parser.add_argument("--cases", type=int, default=24)
     parser.add_argument("--iterations", type=int, default=200, help="the budget (with --to-db: the cap)")
     parser.add_argument("--to-db", type=float, help="time to quality: stop each side once its iterate reaches this "
                         "PSNR (checked every 10 iterations)")
     parser.add_argument("--worker-python", help="a Python with breaching==0.1.2 installed (default: uv --isolated)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides attack")
     parser.add_argument("--summarize", metavar="JSON", help="recompute the summary of a saved output and print it")
     args = parser.parse_args()
     if args.summarize:
@@ -223,32 +258,34 @@ def main() -> None:
         summarize(saved)
         print(json.dumps(saved["summary"], indent=1))
         return
+    if args.to_db is not None and any(PAIRINGS[a].batch > 1 for a in args.attacks):
+        parser.error("--to-db watches batch-1 pairings only")
     torch.set_num_threads(torch.get_num_threads())
     theirs = Breaching(args.worker_python)
     out: dict = {"benchmark": "vs_breaching", "iterations": args.iterations, "to_db": args.to_db,
-                 "threads": torch.get_num_threads(),
-                 "normalisation": "CIFAR-10 (breaching's constants)", "rows": [], "summary": {}}
+                 "device": args.device, "threads": torch.get_num_threads(), "rows": [], "summary": {}}
     try:
         for attack in args.attacks:
             pair = PAIRINGS[attack]
-            for k, (source, index, pixels, label) in enumerate(cases(args.cases)):
+            for k, case in enumerate(cases(args.cases, pair)):
                 runs: dict[str, dict] = {}
                 order = ("fl-sim", "breaching") if k % 2 == 0 else ("breaching", "fl-sim")
                 state = None
                 for side in order:
                     if side == "breaching" and state is None:  # the model's weights come from fl-sim's build
-                        state = build_model(ModelConfig(name=pair.model, stem="cifar"), 10, (3, 32, 32),
-                                            seed=k).state_dict()
+                        state = build_model(ModelConfig(name=pair.model, stem=pair.stem), 10,
+                                            (3, pair.size, pair.size), seed=k).state_dict()
                     if side == "fl-sim":
-                        runs[side], state = ours(pair, pixels, label, k, args.iterations, args.to_db)
+                        runs[side], state = ours(pair, case, k, args.iterations, args.to_db, args.device)
                     else:
-                        runs[side] = theirs(pair, state, pixels, label, k, args.iterations, args.to_db)
+                        runs[side] = theirs(pair, state, case, k, args.iterations, args.to_db, args.device)
                 a, b = runs["fl-sim"].get("gradient_norm"), runs["breaching"].get("gradient_norm")
                 if a is not None and b is not None and abs(a - b) > 1e-4 * max(a, b):
                     raise SystemExit(f"{attack} case {k}: the two sides observed different gradients ({a} vs {b})")
                 for side, row in runs.items():
-                    row.update(attack=attack, framework=side, image=f"{source}[{index}]", seed=k,
-                               label_right=row.get("label") == label, success=row.get("psnr", 0.0) >= 20)
+                    row.update(attack=attack, framework=side, image=case.image, seed=k,
+                               label_right=sorted(row.get("labels") or []) == sorted(case.labels),
+                               success=row.get("psnr", 0.0) >= 20)
                     out["rows"].append(row)
                     shown = ("attack", "framework", "image", "psnr", "seconds_per_iteration", "seconds_to_target")
                     print(json.dumps({key: row.get(key) for key in shown}), file=sys.stderr)

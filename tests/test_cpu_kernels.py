@@ -70,3 +70,13 @@ def test_fused_cosine_distance_equals_the_plain_formula_and_its_gradient(weights
     assert not GradientDistance(small, "cosine", weights).fused
     assert torch.autograd.gradcheck(lambda *g: FusedCosine.apply(small, distance.weights, weighted_norm(
         small, distance.weights), *g), tuple(t.detach().clone().requires_grad_(True) for t in small))
+
+
+def test_under_bf16_autocast_a_gemm_convolution_returns_what_pytorchs_does():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    gemm = gemm_convolutions(copy.deepcopy(nn.Sequential(conv)))[0]
+    x = torch.randn(1, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = gemm(x), conv(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=0.05, rtol=0.02)

@@ -360,6 +360,7 @@ def test_a_run_folder_of_a_newer_layout_is_refused_with_a_clear_message(tmp_path
     store, _ = run(tmp_path, tiny(federation={"rounds": 1}))
     state = json.loads(store.layout.state.read_text())
     assert state["layout"] == 1 and state["classes"] == [str(c) for c in range(10)]
+    assert state["server_device"] == "cpu"  # tiny() sets device = "cpu"
     store.update_state(layout=99)
     code, _, err = cli("report", store.root)
     assert code == 2 and "newer fl-sim (run folder layout 99)" in err and err.count("\n") == 1

@@ -45,6 +45,10 @@ BAD_SCENARIOS = [
      ["attacks.0", "BatchNorm buffers", "no BatchNorm layer"]),
     ("bn buffers of eval-mode clients", tiny(model={"name": "convnet"}, training={"batchnorm": "eval"})
      | {"attacks": [{"name": "ggi-bn"}]}, [], ["attacks.0", "eval-mode clients", "bn_target = 'global'"]),
+    ("tf32 on the cpu", tiny() | {"device": "cpu", "attacks": [{"name": "ggi", "precision": "tf32"}]}, [],
+     ["attacks.0", "precision = 'tf32' is TensorFloat-32 on CUDA", "runs on cpu", "'fp32' or 'bf16'"]),
+    ("unknown precision", tiny() | {"attacks": [{"name": "ggi", "precision": "fp16"}]}, [],
+     ["attacks.0.precision", "'fp32', 'tf32' or 'bf16'"]),
     ("separate epochs without epochs", tiny() | {"attacks": [{"name": "dimitrov"}]}, [],
      ["attacks.0", "epochs = 'separate'", "local_epochs > 1"]),
     ("protocol not granted", tiny(threat_model={"knows": ["update", "global_model"]}) | {"attacks": [{"name": "dlg"}]},
@@ -158,10 +162,15 @@ def test_device_auto_takes_cuda_when_it_is_visible_and_the_cpu_otherwise(monkeyp
     import torch
 
     from fl_sim.base.errors import UserInputError
-    from fl_sim.federation.setup import resolve_device
+    from fl_sim.federation.setup import device_name, resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU {i}")
+    assert device_name(torch.device("cuda")) == "cuda:0 (GPU 0)" and device_name(torch.device("cuda:1")) == (
+        "cuda:1 (GPU 1)")  # what run.json's server_device says
+    assert device_name(torch.device("cpu")) == "cpu"
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")

@@ -61,7 +61,7 @@ class GemmConv2d(nn.Conv2d):
             cols = F.unfold(input, self.kernel_size, self.dilation, self.padding, self.stride)
         out = weight.flatten(1) @ cols  # (1, O, oh · ow)
         if bias is not None:
-            out = out + bias[:, None]
+            out = out + bias[:, None].to(out.dtype)  # under autocast as nn.Conv2d: the output in the GEMM's dtype
         return out.view(n, -1, oh, ow)
 
 

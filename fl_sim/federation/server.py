@@ -19,7 +19,7 @@ from fl_sim.base.logs import run_log
 from fl_sim.engines import ENGINES
 from fl_sim.federation.client import CLIENT_ID_QUERY, build_client_app, scenario_from_context
 from fl_sim.federation.protocol import ObservedModel, RoundRecord
-from fl_sim.federation.setup import Federation, prepare
+from fl_sim.federation.setup import Federation, device_name, prepare
 from fl_sim.federation.strategy import CuriousStrategy, honest_fedavg
 from fl_sim.leakage.model_attacks import InversionRunner
 from fl_sim.leakage.observation_attacks import LeakageRunner
@@ -139,7 +139,8 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, on_round_end
     remaining = scenario.federation.rounds - start
     if remaining <= 0:
         return
-    store.update_state(classes=fed.classes)  # what later stages read instead of rebuilding a federation
+    # what later stages read instead of rebuilding a federation; where the server evaluates and attacks
+    store.update_state(classes=fed.classes, server_device=device_name(fed.device))
     initial = store.checkpoint() or {k: v.detach().cpu() for k, v in fed.model().state_dict().items()}
     node_clients = discover_clients(grid, scenario.federation.num_clients)
     end = RoundEnd(scenario, fed, store, on_round_end, progress)

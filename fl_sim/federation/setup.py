@@ -94,6 +94,14 @@ def prepare(scenario: Scenario) -> Federation:
     return Federation(scenario, data, [t for t, _ in split], [h for _, h in split], norm, device, template)
 
 
+def device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H200)``: the device and, for a GPU, its model."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserInputError("scenario key 'device': 'cuda' but no CUDA device is visible; allowed here: auto, cpu")

@@ -282,7 +282,8 @@ class Scenario(Section):
         from attacks.base import Setting
 
         t = self.training
-        return Setting(t.protocol, self.features.share, t.optimizer, t.batchnorm, t.local_steps, t.local_epochs)
+        return Setting(t.protocol, self.features.share, t.optimizer, t.batchnorm, t.local_steps, t.local_epochs,
+                       self.device)
 
     @property
     def granted(self) -> frozenset[Any]:

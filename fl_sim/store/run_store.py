@@ -3,8 +3,9 @@
 Where each file lives is :class:`fl_sim.store.layout.RunLayout`'s; what the store writes:
 
   scenario.toml      the resolved scenario (what --resume reloads)
-  run.json           status, start / end time, last finished round, layout version, and what later stages
-                     need from the federation (class names, ε of the defenses)
+  run.json           status, start / end time, last finished round, layout version, what later stages
+                     need from the federation (class names, ε of the defenses), and the device the server
+                     evaluated and attacked on (server_device: cpu, or cuda:0 with the GPU's name)
   metrics.csv        per round: test accuracy/loss, train loss, client evaluation, participants, timings
   results.csv        tidy leakage rows: run, round, client, attack, defense, metric, value, label_strategy, note,
                      image (empty: the batch's mean; else that ground-truth image's own score)
