@@ -120,8 +120,7 @@ class GradientInversion(ObservationAttack):
                                   separate_epochs=r.epochs == "separate")
             labels = self._labels(sim, obs, oracle_labels)
         except (UnsupportedObservation, LabelRecoveryError, BuffersUnavailable) as err:
-            empty = torch.zeros(0, *obs.image_shape)
-            return Reconstruction(empty, None, r.labels, failure=str(err), seconds=time.perf_counter() - start)
+            return self._failed(obs, str(err), time.perf_counter() - start)
         r = budgeted(r, sim.num_images)
         norm = obs.normalization
         ones = torch.ones(1, obs.image_shape[0], 1, 1, device=device)
@@ -154,8 +153,9 @@ class GradientInversion(ObservationAttack):
                 trials[-1] = dataclasses.replace(trials[-1], z=ties[-1].merged(trials[-1].z))
         return self._result(trials, labels, obs, time.perf_counter() - start)
 
-    def _failed(self, obs: Observation, why: str) -> Reconstruction:
-        return Reconstruction(torch.zeros(0, *obs.image_shape), None, self.recipe.labels, failure=why)
+    def _failed(self, obs: Observation, why: str, seconds: float = 0.0) -> Reconstruction:
+        """No images: the attack could not run on ``obs`` (``why``)."""
+        return Reconstruction(torch.zeros(0, *obs.image_shape), None, self.recipe.labels, failure=why, seconds=seconds)
 
     def _watch(self, obs: Observation) -> Monitor | None:
         """The benchmark monitor on images in [0, 1] (the optimisers hand it z in the model's input space)."""
@@ -197,7 +197,7 @@ class GradientInversion(ObservationAttack):
                 sim = ClientSimulator(model, obs, device)
                 labels = self._labels(sim, obs, None)
             except (UnsupportedObservation, LabelRecoveryError) as err:
-                failures[i] = Reconstruction(torch.zeros(0, *obs.image_shape), None, r.labels, failure=str(err))
+                failures[i] = self._failed(obs, str(err))
                 continue
             priors = self._priors(sim, obs)
             for k in range(r.restarts):

@@ -6,7 +6,9 @@ A case file (torch.save) holds: attack (deepleakage | idlg | invertinggradients)
 resnet18 | resnet50), case (breaching's case config) and data (its case/data config, or None: the case's own),
 device (cpu | cuda), state (the fl-sim model's state_dict, copied in order into breaching's model), x (B, 3, H, W)
 in [0, 1], labels (B,), mean, std, batchnorm (train | eval), iterations, init_seed (the global seed breaching
-draws its start from: fl-sim's start seed, so both sides start from the same candidate), out (where the
+draws its start from: fl-sim's start seed, so both sides start from the same candidate — drawn on the CPU and
+handed over as breaching's initial_data, so on CUDA too; DLG's label logits come from breaching's own generator,
+the GPU's on CUDA), out (where the
 reconstruction goes), to_db and every (time to quality: every ``every`` iterations the PSNR of breaching's current
 iterate is checked, and the trial ends once it reaches ``to_db``; None: the full budget).
 Breaching's dataset code is bypassed as its README's custom-data path does: construct_model, an honest server
@@ -105,6 +107,8 @@ def watch(attacker, truth: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, 
 def run(case: dict) -> dict:
     cfg = config(case)
     device = torch.device(case.get("device", "cpu"))
+    if device.type == "cuda":  # IEEE float32, as fl-sim's side (cuDNN's convolutions default to TF32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     setup = dict(device=device, dtype=torch.float)
     model, loss_fn = breaching.cases.construct_model(cfg.case.model, cfg.case.data, pretrained=False)
     copy_state(model, case["state"])
@@ -122,10 +126,12 @@ def run(case: dict) -> dict:
     shared, _ = user.compute_local_updates(payload, custom_data=dict(
         inputs=(x - mean) / std, labels=torch.tensor(case["labels"], device=device)))
     torch.manual_seed(case["init_seed"])  # breaching draws its start (randn; then DLG's label logits) from here
+    start_point = torch.randn(x.shape, generator=torch.Generator().manual_seed(case["init_seed"]))  # that draw on CPU
     watched = (None if case.get("to_db") is None
                else watch(attacker, x, mean, std, case["to_db"], case["every"]))
     start = time.perf_counter()
-    rec, stats = attacker.reconstruct([payload], [shared], server.secrets, dryrun=False)
+    rec, stats = attacker.reconstruct([payload], [shared], server.secrets, initial_data=start_point.to(device),
+                                      dryrun=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -136,7 +136,8 @@ def ours(pair: Pairing, case: Case, seed: int, iterations: int, to_db: float | N
     model = build_model(ModelConfig(name=pair.model, stem=pair.stem), 10, shape, seed=seed)
     pool = TensorImageSet(case.pixels, np.array(case.labels))
     obs, _ = observe(model, pool, [np.arange(pair.batch)], fedsgd_plan(batch_size=pair.batch,
-                                                                       batchnorm=pair.batchnorm), pair.norm, 10)
+                                                                       batchnorm=pair.batchnorm), pair.norm, 10,
+                     device)
     reached: dict[str, float] = {}
     truth = pool.images(list(range(pair.batch)))
     if to_db is None:
@@ -175,9 +176,8 @@ class Breaching:
                     "labels": case.labels, "case": pair.case, "data": pair.data, "device": device,
                     "mean": list(pair.norm.mean), "std": list(pair.norm.std), "batchnorm": pair.batchnorm,
                     "iterations": iterations, "out": str(out), "to_db": to_db, "every": EVERY,
-                    # fl-sim's start for this case (restart 0, round 1, client 0): torch.randn from a generator
-                    # with this seed is the candidate (then DLG's label logits) both sides start from (on CPU;
-                    # on CUDA breaching draws from the GPU's generator, another start)
+                    # fl-sim's start for this case (restart 0, round 1, client 0): torch.randn from a CPU
+                    # generator with this seed is the candidate (then DLG's label logits) both sides start from
                     "init_seed": ATTACK_START.seed(seed, 0, 1, 0)}, path)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(f"{path}\n")
@@ -261,6 +261,8 @@ def main() -> None:
     if args.to_db is not None and any(PAIRINGS[a].batch > 1 for a in args.attacks):
         parser.error("--to-db watches batch-1 pairings only")
     torch.set_num_threads(torch.get_num_threads())
+    if args.device == "cuda":  # the clients' updates in IEEE float32 on both sides (fl-sim's attacks already are)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     theirs = Breaching(args.worker_python)
     out: dict = {"benchmark": "vs_breaching", "iterations": args.iterations, "to_db": args.to_db,
                  "device": args.device, "threads": torch.get_num_threads(), "rows": [], "summary": {}}

@@ -45,9 +45,10 @@ def test_on_cuda_tf32_is_on_only_when_asked_for_and_restored_afterwards(monkeypa
 def test_tf32_off_cuda_is_an_error_and_an_attack_on_cpu_records_it_as_its_failure():
     with pytest.raises(ValueError, match="TensorFloat-32 on CUDA"), arithmetic("tf32", torch.device("cpu")):
         pass
-    model, [obs] = round_of("lenet", 1)
-    rec = GradientInversion("ggi", recipe("ggi", iterations=5, precision="tf32")).reconstruct(obs, model)
-    assert rec.failure is not None and "precision = 'tf32'" in rec.failure and rec.images.shape[0] == 0
+    model, observations = round_of("lenet", 2)
+    attack = GradientInversion("ggi", recipe("ggi", iterations=5, precision="tf32", batched=True))
+    for rec in [attack.reconstruct(observations[0], model), *attack.reconstruct_many(observations, model)]:
+        assert rec.failure is not None and "precision = 'tf32'" in rec.failure and rec.images.shape[0] == 0
 
 
 def test_a_bf16_attack_runs_in_bf16_and_returns_float32_images():

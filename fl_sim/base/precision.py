@@ -28,7 +28,7 @@ def arithmetic(precision: str, device: torch.device) -> Iterator[None]:
     if (why := unavailable(precision, device)) is not None:
         raise ValueError(why)
     cuda = device.type == "cuda"
-    if cuda:
+    if cuda:  # the allow_tf32 switches (PyTorch refuses to read them once code mixed in its fp32_precision API)
         saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:
