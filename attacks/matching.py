@@ -23,17 +23,21 @@ def layer_weights(n: int, scheme: str) -> list[float]:
 
 
 def gradient_distance(trial: list[torch.Tensor], target: list[torch.Tensor], weights: list[float], loss: str,
-                      target_norm: torch.Tensor) -> torch.Tensor:
-    """The distance between a trial gradient and the target (lists of per-layer tensors), a scalar.
+                      target_norm: torch.Tensor, batched: bool = False) -> torch.Tensor:
+    """The distance between a trial gradient and the target (lists of per-layer tensors), a scalar — or, with
+    ``batched``, K distances (K,) of tensors with a leading problem dimension (``target_norm`` (K,)).
     Uniform weights skip the multiplications (two fewer ops per layer, forward and backward)."""
+    def total(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).sum(1) if batched else x.sum()
+
     uniform = all(w == 1.0 for w in weights)
     pairs = zip(weights, trial, target, strict=True)
     if loss == "l2":
-        return sum((g - t).pow(2).sum() if uniform else w * (g - t).pow(2).sum() for w, g, t in pairs)
+        return sum(total((g - t).pow(2)) if uniform else w * total((g - t).pow(2)) for w, g, t in pairs)
     dot, trial_sq = 0.0, 0.0
     for w, g, t in pairs:
-        dot = dot + ((g * t).sum() if uniform else w * (g * t).sum())
-        trial_sq = trial_sq + (g.pow(2).sum() if uniform else w * g.pow(2).sum())
+        dot = dot + (total(g * t) if uniform else w * total(g * t))
+        trial_sq = trial_sq + (total(g.pow(2)) if uniform else w * total(g.pow(2)))
     return 1 - dot / (torch.sqrt(trial_sq) * target_norm).clamp_min(1e-30)
 
 

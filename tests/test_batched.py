@@ -13,6 +13,7 @@ from attacks.batched import BatchedMatching, unbatchable
 from attacks.gradient_inversion import GradientInversion
 from attacks.matching import GradientDistance, weighted_norm
 from attacks.recipe import recipe
+from attacks.replicas import replicate
 from attacks.simulate import ClientSimulator
 from fl_sim.data.sources import load_dataset
 from fl_sim.leakage.single_client import fedsgd_plan, observe
@@ -112,3 +113,66 @@ def test_a_compiled_step_equals_the_eager_one():
     assert compiled.failure is None and compiled.iterations == eager.iterations
     torch.testing.assert_close(compiled.images, eager.images, rtol=0, atol=1e-3)
     np.testing.assert_allclose(compiled.loss_trace, eager.loss_trace, rtol=1e-4, atol=1e-6)
+
+
+def _float64(model, observations):
+    model = model.double()
+    return model, [dataclasses.replace(
+        o, global_state={k: v.double() if v.is_floating_point() else v for k, v in o.global_state.items()},
+        update={k: v.double() for k, v in o.update.items()}) for o in observations]
+
+
+@pytest.mark.parametrize("model_name, preset, batchnorm", [
+    ("lenet", "ggi", "train"),                                 # hard labels, TV prior
+    ("lenet", "dlg", "train"),                                 # joint soft labels: ∂/∂ label logits too
+    ("convnet", "ggi", "train"),                               # BatchNorm on each problem's batch statistics
+    ("convnet", "ggi", "eval"),                                # BatchNorm on the running statistics
+])
+def test_the_replicated_model_step_equals_the_vmapped_one(model_name, preset, batchnorm):
+    """Small models on CPU solve K problems through K replicas in one model (attacks/replicas.py): its objective,
+    distance and gradients equal the vmapped step's, in float64."""
+    model, observations = round_of(model_name, 3)
+    observations = [dataclasses.replace(o, meta=dataclasses.replace(o.meta, batchnorm=batchnorm))
+                    for o in observations]
+    model, observations = _float64(model, observations)
+    r = recipe(preset, optimizer="adam", lr=0.1)
+    attack = GradientInversion(preset, r)
+    sims = [ClientSimulator(model, o, torch.device("cpu")) for o in observations]
+    matching = BatchedMatching(model, observations[0], r, attack._priors(sims[0], observations[0]),
+                               torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 1, 3, 32, 32, generator=gen, dtype=torch.float64)
+    joint = preset == "dlg"
+    labels = (torch.randn(3, 1, 10, generator=gen, dtype=torch.float64) if joint
+              else torch.tensor([[3], [1], [7]]))
+    targets = [torch.stack(layer) for layer in zip(*(sim.target for sim in sims), strict=True)]
+    norms = torch.stack([weighted_norm(sim.target, matching.weights) for sim in sims])
+    replica = replicate(matching.model, 3, (1, 3, 32, 32))
+    assert replica is not None
+    grads, (objective, matched) = matching._replica_step(replica, z, labels, targets, norms)
+    expected, (objective0, matched0) = vmap(grad_and_value(
+        matching._objective, argnums=(0, 1) if joint else 0, has_aux=True))(z, labels, targets, norms)
+    torch.testing.assert_close(objective, objective0, rtol=1e-10, atol=0)
+    torch.testing.assert_close(matched, matched0, rtol=1e-10, atol=0)
+    for ours, theirs in zip(grads if joint else (grads,), expected if joint else (expected,), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-12)
+    assert len(set(objective.tolist())) == 3  # three different problems
+
+
+def test_a_model_the_replicas_cannot_express_is_refused():
+    class MixesChannels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)) - self.conv(x).mean())  # a mean over all channels
+
+    assert replicate(MixesChannels(), 2, (1, 3, 8, 8)) is None
+    norm_layer = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
+                                     torch.nn.Linear(4 * 36, 10))
+    assert replicate(norm_layer, 2, (1, 3, 8, 8)) is None  # a parameterised layer it has no replica of
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 36, 10))
+    assert replicate(plain, 2, (1, 3, 8, 8)) is not None
