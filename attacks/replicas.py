@@ -37,9 +37,9 @@ class ReplicatedConv2d(nn.Module):
         oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, K·C·kh·kw, L)
         cols = cols.view(n, self.k, -1, oh * ow).permute(1, 2, 0, 3).reshape(self.k, -1, n * oh * ow)
-        out = torch.bmm(self.weight.view(self.k, self.out_channels, -1), cols)  # (K, O, N·L)
-        if self.bias is not None:
-            out = out + self.bias.view(self.k, -1, 1).to(out.dtype)
+        weight = self.weight.view(self.k, self.out_channels, -1)
+        out = (torch.bmm(weight, cols) if self.bias is None  # (K, O, N·L)
+               else torch.baddbmm(self.bias.view(self.k, -1, 1), weight, cols))
         return out.view(self.k, self.out_channels, n, oh * ow).permute(2, 0, 1, 3).reshape(n, -1, oh, ow)
 
 
@@ -54,9 +54,9 @@ class BlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        out = torch.bmm(x.reshape(n, self.k, -1).transpose(0, 1), self.weight.transpose(1, 2))  # (K, N, O)
-        if self.bias is not None:
-            out = out + self.bias[:, None].to(out.dtype)
+        x = x.reshape(n, self.k, -1).transpose(0, 1)  # (K, N, F)
+        out = (torch.bmm(x, self.weight.transpose(1, 2)) if self.bias is None  # (K, N, O)
+               else torch.baddbmm(self.bias[:, None], x, self.weight.transpose(1, 2)))
         return out.transpose(0, 1).reshape(n, -1)
 
 
