@@ -30,6 +30,7 @@ the BatchNorm-statistics prior (forward hooks).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -145,10 +146,9 @@ class BatchedMatching:
         if r.compile:  # one graph of forward, client gradient, distance and ∂/∂z (no autograd at run time)
             step = torch.compile(step, dynamic=False)
         elif self.device.type == "cpu" and sum(p.numel() for p in self.params.values()) < SMALL_MODEL_PARAMETERS:
-            replica = replicate(self.model, k, tuple(problems[0].z0.shape))  # faster than vmap there
+            replica = replicate(self.model, k, tuple(problems[0].z0.shape), r.seed)  # faster than vmap there
             if replica is not None:
-                def step(*args):
-                    return self._replica_step(replica, *args)
+                step = functools.partial(self._replica_step, replica)
         params = [z] + ([labels] if joint else [])
         opt = torch.optim.Adam(params, lr=r.lr)
         scheduler = step_schedule(opt, r)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fl_sim.base.streams import REPLICA_CHECK
+
 
 class ReplicatedConv2d(nn.Module):
     """K copies of a zero-padded, ungrouped convolution: (N, K·C, H, W) → (N, K·O, H', W'), one bmm per pass."""
@@ -63,21 +65,23 @@ class BlockLinear(nn.Module):
 def replicated_batch_norm(bn: nn.BatchNorm2d, k: int) -> nn.BatchNorm2d:
     """K·C channels: train mode normalises with the batch's statistics (none tracked), eval mode with K copies of
     the running ones."""
-    out = nn.BatchNorm2d(bn.num_features * k, bn.eps, bn.momentum, bn.affine, track_running_stats=not bn.training,
+    running = not bn.training and bn.running_mean is not None
+    out = nn.BatchNorm2d(bn.num_features * k, bn.eps, bn.momentum, bn.affine, track_running_stats=running,
                          device=bn.weight.device if bn.affine else None, dtype=bn.weight.dtype if bn.affine else None)
     with torch.no_grad():
         if bn.affine:
             out.weight.copy_(bn.weight.repeat(k))
             out.bias.copy_(bn.bias.repeat(k))
-        if not bn.training:
+        if running:
             out.running_mean.copy_(bn.running_mean.repeat(k))
             out.running_var.copy_(bn.running_var.repeat(k))
     return out.train(bn.training)
 
 
-def replicate(model: nn.Module, k: int, shape: tuple[int, ...]) -> nn.Module | None:
+def replicate(model: nn.Module, k: int, shape: tuple[int, ...], seed: int = 0) -> nn.Module | None:
     """K copies of ``model`` (its parameters' names and order kept) for inputs of ``shape`` (N, C, H, W) per problem,
-    or None when the model has another parameterised layer or its forward mixes channels."""
+    or None when the model has another parameterised layer or its forward mixes channels (``seed``: the attack's,
+    for the check's random input)."""
     rep = copy.deepcopy(model)
     for parent in list(rep.modules()):
         for name, child in list(parent.named_children()):
@@ -96,8 +100,12 @@ def replicate(model: nn.Module, k: int, shape: tuple[int, ...]) -> nn.Module | N
         return None
     n, c, *image = shape
     ref = next(model.parameters())
-    x = torch.randn(n, k * c, *image, generator=torch.Generator().manual_seed(0), dtype=ref.dtype).to(ref.device)
+    gen = torch.Generator().manual_seed(REPLICA_CHECK.seed(seed))
+    x = torch.randn(n, k * c, *image, generator=gen, dtype=ref.dtype).to(ref.device)
     with torch.no_grad():
-        ours = rep(x).view(n, k, -1)
+        try:
+            ours = rep(x).view(n, k, -1)
+        except RuntimeError:  # a layer whose shapes the replicas break (a subclass left unreplaced, say)
+            return None
         theirs = torch.stack([model(x[:, i * c:(i + 1) * c]) for i in range(k)], dim=1)
     return rep if torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5) else None

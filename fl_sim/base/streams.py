@@ -69,6 +69,8 @@ STREAMS = (
     # a prior-only baseline's unrelated test-split batch (fl_sim.leakage.baseline), and its defenses' noise
     BASELINE_BATCH := Stream("baseline batch", 17, ("client", "round"), "seed", "numpy"),
     BASELINE_NOISE := Stream("baseline noise", 18, ("client", "round"), "seed", "seed"),
+    # the random input on which a model's replicas are checked against the model (attacks/replicas.py)
+    REPLICA_CHECK := Stream("replica check", 19, (), "attack seed", "seed"),
 )
 
 
