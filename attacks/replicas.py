@@ -3,7 +3,7 @@ K-times wider layers, instead of ``vmap`` (attacks/batched.py picks it for small
 per-operation cost dominates).
 
 The input (N, K·C, H, W) holds the K problems' candidates side by side in the channels. Convolutions become one
-batched GEMM over the K blocks (im2col as ``GemmConv2d``), BatchNorm has K·C channels (a problem's own batch
+batched GEMM over the K blocks (``GemmConv2d``'s im2col), BatchNorm has K·C channels (a problem's own batch
 statistics in train mode, its copy of the running ones in eval mode), linear layers are block-diagonal on the
 flattened (N, K·F) features, and parameter-free layers act per channel already. Block k of a replicated parameter
 is problem k's copy, so the gradient of the K losses' sum w.r.t. it is problem k's client gradient. Any other
@@ -16,9 +16,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fl_sim.base.cpu import im2col
 from fl_sim.base.streams import REPLICA_CHECK
 
 
@@ -34,10 +34,8 @@ class ReplicatedConv2d(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().repeat(k))  # (K·O,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, K·C·kh·kw, L)
+        n = x.shape[0]
+        cols, oh, ow = im2col(x, self)  # (N, K·C·kh·kw, L)
         cols = cols.view(n, self.k, -1, oh * ow).permute(1, 2, 0, 3).reshape(self.k, -1, n * oh * ow)
         weight = self.weight.view(self.k, self.out_channels, -1)
         out = (torch.bmm(weight, cols) if self.bias is None  # (K, O, N·L)

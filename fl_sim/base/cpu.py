@@ -42,6 +42,17 @@ def tuned_for(model: nn.Module, device: torch.device) -> Iterator[None]:
         torch.backends.mkldnn.enabled = mkldnn
 
 
+def im2col(x: torch.Tensor, conv: nn.Conv2d | nn.Module) -> tuple[torch.Tensor, int, int]:
+    """The columns of ``x`` (N, C, H, W) under ``conv``'s kernel, stride, padding and dilation: (N, C·kh·kw, L) with
+    L = oh · ow, and (oh, ow). A 1×1 kernel without padding is a strided view (no copy)."""
+    _, _, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if (kh, kw, ph, pw) == (1, 1, 0, 0):
+        return x[:, :, ::sh, ::sw].flatten(2), oh, ow
+    return F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride), oh, ow
+
+
 class GemmConv2d(nn.Conv2d):
     """``nn.Conv2d`` of a single image as im2col (``F.unfold``) and one matrix product, (O, C·kh·kw) @
     (C·kh·kw, L): the same function, and every pass of its first and second derivatives is one GEMM (plus
@@ -52,17 +63,11 @@ class GemmConv2d(nn.Conv2d):
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if input.shape[0] != 1:
             return super()._conv_forward(input, weight, bias)
-        n, _, h, w = input.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if (kh, kw, ph, pw) == (1, 1, 0, 0):
-            cols = input[:, :, ::sh, ::sw].flatten(2)
-        else:
-            cols = F.unfold(input, self.kernel_size, self.dilation, self.padding, self.stride)
+        cols, oh, ow = im2col(input, self)
         out = weight.flatten(1) @ cols  # (1, O, oh · ow)
         if bias is not None:
             out = out + bias[:, None].to(out.dtype)  # under autocast as nn.Conv2d: the output in the GEMM's dtype
-        return out.view(n, -1, oh, ow)
+        return out.view(1, -1, oh, ow)
 
 
 def gemm_convolutions(model: nn.Module) -> nn.Module:
