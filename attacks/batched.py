@@ -12,7 +12,7 @@ rounding, amplified by the optimiser (tested at small budgets).
 Train-mode BatchNorm uses each problem's own batch statistics (``replace_all_batch_norm_modules_``:
 running statistics are never read or written, as the one-by-one simulator leaves them). With
 ``recipe.compile`` the vmapped step is one ``torch.compile``d graph (the double backward traced out). Small
-models on CPU (under ``SMALL_MODEL_PARAMETERS``) take the same step through K replicas of the model in one
+models on CPU (``small_on_cpu``) take the same step through K replicas of the model in one
 (attacks.replicas: plain autograd on K-times wider layers; LeNet, K = 8: 2.5-2.9x the one-by-one time against
 vmap's 1.9-2.0x, benchmarks/batched_attacks.py), unless the model has a layer the replicas cannot express.
 
@@ -44,7 +44,7 @@ from attacks.optimize import KEEP_MARGIN, Monitor, Trial, clipped, divergence, s
 from attacks.recipe import Recipe
 from attacks.regularizers import Prior, with_priors
 from attacks.replicas import replicate
-from fl_sim.base.cpu import SMALL_MODEL_PARAMETERS, gemm_convolutions
+from fl_sim.base.cpu import gemm_convolutions, small_on_cpu
 from fl_sim.observation import Observation
 
 
@@ -145,7 +145,7 @@ class BatchedMatching:
         step = vmap(grad_and_value(self._objective, argnums=(0, 1) if joint else 0, has_aux=True))
         if r.compile:  # one graph of forward, client gradient, distance and ∂/∂z (no autograd at run time)
             step = torch.compile(step, dynamic=False)
-        elif self.device.type == "cpu" and sum(p.numel() for p in self.params.values()) < SMALL_MODEL_PARAMETERS:
+        elif small_on_cpu(self.model, self.device):
             replica = replicate(self.model, k, tuple(problems[0].z0.shape), r.seed)  # faster than vmap there
             if replica is not None:
                 step = functools.partial(self._replica_step, replica)

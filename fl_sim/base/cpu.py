@@ -25,11 +25,15 @@ from torch import nn
 SMALL_MODEL_PARAMETERS = 1_000_000
 
 
+def small_on_cpu(model: nn.Module, device: torch.device) -> bool:
+    """A model under SMALL_MODEL_PARAMETERS on the CPU: per-operation overhead, not arithmetic, bounds it."""
+    return device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS
+
+
 @contextmanager
 def tuned_for(model: nn.Module, device: torch.device) -> Iterator[None]:
     """One thread and native convolutions for small models on CPU; restored afterwards."""
-    small = device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS
-    if not small:
+    if not small_on_cpu(model, device):
         yield
         return
     threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
