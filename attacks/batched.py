@@ -44,7 +44,7 @@ from attacks.optimize import KEEP_MARGIN, Monitor, Trial, clipped, divergence, s
 from attacks.recipe import Recipe
 from attacks.regularizers import Prior, with_priors
 from attacks.replicas import replicate
-from fl_sim.base.cpu import gemm_convolutions, small_on_cpu
+from fl_sim.base.cpu import affine_batch_norms, gemm_convolutions, small_on_cpu
 from fl_sim.observation import Observation
 
 
@@ -89,6 +89,8 @@ class BatchedMatching:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+            if device.type == "cpu":
+                affine_batch_norms(model)
         self.model, self.device = model, device
         self.params = {n: p.detach() for n, p in model.named_parameters()}
         self.buffers = {n: b for n, b in model.named_buffers()}

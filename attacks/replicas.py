@@ -89,7 +89,7 @@ def replicate(model: nn.Module, k: int, shape: tuple[int, ...], seed: int = 0) -
                 setattr(parent, name, ReplicatedConv2d(child, k))
             elif type(child) is nn.Linear:
                 setattr(parent, name, BlockLinear(child, k))
-            elif type(child) is nn.BatchNorm2d:
+            elif isinstance(child, nn.BatchNorm2d):  # AffineBatchNorm2d too
                 setattr(parent, name, replicated_batch_norm(child, k))
     supported = (ReplicatedConv2d, BlockLinear, nn.BatchNorm2d)
     if any(next(m.parameters(recurse=False), None) is not None and not isinstance(m, supported) for m in rep.modules()):

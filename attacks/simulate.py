@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from attacks.bn_buffers import ClientStatistics, ClientStatsBatchNorm, batch_statistics, unbiased, use_client_statistics
-from fl_sim.base.cpu import gemm_convolutions
+from fl_sim.base.cpu import affine_batch_norms, gemm_convolutions
 from fl_sim.observation import Observation, ProtocolMeta
 
 
@@ -70,6 +70,8 @@ class ClientSimulator:
                     m.eval()
         if client_stats is not None:
             use_client_statistics(self.model, client_stats)
+        if device.type == "cpu":  # eval-mode BatchNorm as an affine map: a cheaper double backward (fl_sim.base.cpu)
+            affine_batch_norms(self.model)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.names = [n for n, _ in self.model.named_parameters()]

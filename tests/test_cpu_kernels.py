@@ -1,5 +1,6 @@
 """The CPU fast paths of gradient matching compute the same functions as PyTorch's own kernels:
-GemmConv2d against nn.Conv2d (values, first and second derivatives), FusedCosine against autograd of the
+GemmConv2d against nn.Conv2d and AffineBatchNorm2d against nn.BatchNorm2d (values, first and second derivatives),
+FusedCosine against autograd of the
 plain formula and against finite differences (gradcheck)."""
 
 import copy
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from attacks.matching import FusedCosine, GradientDistance, gradient_distance, weighted_norm
-from fl_sim.base.cpu import GemmConv2d, gemm_convolutions
+from fl_sim.base.cpu import AffineBatchNorm2d, GemmConv2d, affine_batch_norms, gemm_convolutions
 
 CONVS = [  # (in, out, kernel, stride, padding, dilation, bias)
     (3, 8, 3, 1, 1, 1, True), (4, 6, 3, 2, 1, 1, False), (5, 7, 1, 2, 0, 1, False), (5, 7, 1, 1, 0, 1, True),
@@ -20,8 +21,8 @@ def client_gradient_and_its_derivative(conv: nn.Module, x: torch.Tensor) -> tupl
     """Output, the weight gradient of a loss, and ∂(a function of that gradient)/∂x — the double backward."""
     x = x.clone().requires_grad_(True)
     out = conv(x)
-    gw, *rest = torch.autograd.grad(out.sin().sum(), [conv.weight, *([conv.bias] if conv.bias is not None else [])],
-                                    create_graph=True)
+    wrt = [conv.weight, *([conv.bias] if conv.bias is not None else [])] if conv.weight is not None else [x]
+    gw, *rest = torch.autograd.grad(out.sin().sum(), wrt, create_graph=True)
     (gx,) = torch.autograd.grad(gw.pow(2).sum() + sum(r.pow(3).sum() for r in rest), x)
     return out.detach(), gw.detach(), gx
 
@@ -51,6 +52,25 @@ def test_gemm_convolutions_keeps_the_parameters_and_leaves_other_convolutions_al
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     x = torch.randn(1, 3, 8, 8)
     assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_batch_norm_as_an_affine_map_equals_pytorchs_to_the_second_derivative(affine):
+    torch.manual_seed(2)
+    bn = nn.BatchNorm2d(5, eps=1e-3, affine=affine).double()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        if affine:
+            bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    model = affine_batch_norms(nn.Sequential(copy.deepcopy(bn).eval(), copy.deepcopy(bn).train(),
+                                             nn.BatchNorm2d(5, track_running_stats=False).eval()))
+    assert [type(m) for m in model] == [AffineBatchNorm2d, nn.BatchNorm2d, nn.BatchNorm2d]
+    assert model[0].state_dict().keys() == bn.state_dict().keys() and not model[0].training
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64) * 3 + 1
+    for ours, theirs in zip(client_gradient_and_its_derivative(model[0], x),
+                            client_gradient_and_its_derivative(bn.eval(), x), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(model[0].train()(x), bn.train()(x))  # train mode: PyTorch's own
 
 
 @pytest.mark.parametrize("weights", ["uniform", "linear"])

@@ -10,7 +10,9 @@ convolution of one image runs its passes through the slow im2col kernels; :func:
 makes every pass one matrix product instead (``GemmConv2d``, batch 1 only). Measured on 2 cores, one
 GGI objective evaluation with ∂/∂z at batch 1: ResNet-18 (32 px, eval-mode BatchNorm) 247 → 215 ms,
 the ConvNet 14.3 → 9.1 ms, the DLG LeNet 2.1 → 1.9 ms (one thread, tuned_for); train-mode ResNet-18
-288 → 256 ms.
+288 → 256 ms. An eval-mode BatchNorm's double backward is cheaper as the affine map it is
+(:func:`affine_batch_norms`); GGI seconds per iteration on 2 cores: ResNet-18 32 px batch 1 0.176 → 0.168, batch 8
+0.568 → 0.544, ResNet-50 224 px batch 8 8.0 → 5.6 (the ConvNet unchanged).
 """
 
 from __future__ import annotations
@@ -86,4 +88,35 @@ def gemm_convolutions(model: nn.Module) -> nn.Module:
                               conv.dilation, bias=conv.bias is not None, device="meta")
             gemm.weight, gemm.bias = conv.weight, conv.bias
             setattr(parent, name, gemm)
+    return model
+
+
+class AffineBatchNorm2d(nn.BatchNorm2d):
+    """An eval-mode ``nn.BatchNorm2d`` as the per-channel affine map it is, x·s + (β − μ·s) with s = γ / √(σ² + ε)
+    from the running statistics: the same function, and its double backward is two elementwise products instead of
+    ``native_batch_norm``'s. In train mode (or without running statistics) it is ``nn.BatchNorm2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.running_mean is None:
+            return super().forward(x)
+        scale = torch.rsqrt(self.running_var + self.eps)  # (C,)
+        shift = -self.running_mean * scale
+        if self.weight is not None:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        return x * scale[:, None, None].to(x.dtype) + shift[:, None, None].to(x.dtype)
+
+
+def affine_batch_norms(model: nn.Module) -> nn.Module:
+    """``model`` (changed in place, and returned) with each eval-mode ``nn.BatchNorm2d`` with running statistics
+    replaced by an ``AffineBatchNorm2d`` holding the same parameters and buffers (same names). Call after setting
+    the modes; train-mode BatchNorm keeps PyTorch's kernel (written out, it measured slower at batch 8)."""
+    for parent in list(model.modules()):
+        for name, bn in list(parent.named_children()):
+            if type(bn) is not nn.BatchNorm2d or bn.training or bn.running_mean is None:
+                continue
+            affine = AffineBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, device="meta")
+            affine.weight, affine.bias = bn.weight, bn.bias
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(affine, buffer, getattr(bn, buffer))
+            setattr(parent, name, affine.eval())
     return model
