@@ -23,8 +23,10 @@ measured up to 5e-2 on the LeNet and 0.2 on ResNet-18 apart over a full budget),
 client is solved on its own and its reconstruction never depends on who else was attacked.
 
 Not batchable (``unbatchable`` says why; those run one by one): L-BFGS (its line search and curvature
-history couple everything it optimises), unrolled FedAvg updates, the Canny edge prior (OpenCV) and
-the BatchNorm-statistics prior (forward hooks).
+history couple everything it optimises), unrolled FedAvg updates, the Canny edge prior (OpenCV),
+the BatchNorm-statistics prior (forward hooks), and eager models of a million parameters and more on CPU: vmap's
+double backward there is slower than K one-by-one solves (ResNet-18, 32 px, K = 8: 0.71-0.77x of their speed,
+benchmarks/batched_attacks.py).
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ def unbatchable(recipe: Recipe, observations: list[Observation], model: nn.Modul
         return "the edge (OpenCV) and BatchNorm-statistics priors and the client BatchNorm statistics run one by one"
     if len({o.meta.batch_size for o in observations}) > 1 or len({o.server_round for o in observations}) > 1:
         return "the problems differ in batch size or global model"
+    device = next(model.parameters()).device
+    if not recipe.compile and device.type == "cpu" and not small_on_cpu(model, device):
+        return "on CPU, eager, a model of a million parameters and more runs faster one by one than vmapped"
     return None
 
 

@@ -87,7 +87,8 @@ def test_train_mode_batchnorm_uses_each_problems_own_batch_statistics():
         o, global_state={k: v.double() if v.is_floating_point() else v for k, v in o.global_state.items()},
         update={k: v.double() for k, v in o.update.items()}) for o in observations]
     r = recipe("ggi")
-    assert unbatchable(r, observations, model) is None
+    assert "one by one" in unbatchable(r, observations, model)  # on CPU, eager: ResNet-18 is solved one by one
+    assert unbatchable(r.model_copy(update={"compile": True}), observations, model) is None
     matching = BatchedMatching(model, observations[0], r, [], torch.device("cpu"))
     sims = [ClientSimulator(model, o, torch.device("cpu")) for o in observations]
     z = torch.randn(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
