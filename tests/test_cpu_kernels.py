@@ -1,7 +1,6 @@
 """The CPU fast paths of gradient matching compute the same functions as PyTorch's own kernels:
-GemmConv2d against nn.Conv2d and AffineBatchNorm2d against nn.BatchNorm2d (values, first and second derivatives),
-FusedCosine against autograd of the
-plain formula and against finite differences (gradcheck)."""
+GemmConv2d against nn.Conv2d and AffineBatchNorm2d against nn.BatchNorm2d (values, first and second
+derivatives), FusedCosine against autograd of the plain formula and against finite differences (gradcheck)."""
 
 import copy
 
