@@ -38,6 +38,7 @@ from attacks.gradient_inversion import GradientInversion  # noqa: E402
 from attacks.matching import GradientDistance  # noqa: E402
 from attacks.recipe import recipe  # noqa: E402
 from attacks.simulate import ClientSimulator  # noqa: E402
+from fl_sim.base.cpu import tuned_for  # noqa: E402
 from fl_sim.data.sources import load_dataset  # noqa: E402
 from fl_sim.leakage.single_client import fedsgd_plan, observe  # noqa: E402
 from fl_sim.models import build_model  # noqa: E402
@@ -60,6 +61,9 @@ def machine() -> dict:
     return {"threads": torch.get_num_threads(),
             "gemm_peak_gflops": round(2 * 2048**3 / best_seconds(lambda: a @ b, 5) / 1e9, 1),
             "memory_gb_per_s": round(2 * x.numel() * 4 / best_seconds(lambda: torch.dot(x, y), 10) / 1e9, 1)}
+
+
+PHASES = ("forward", "client gradient", "distance", "∂/∂z")
 
 
 def phases(sim: ClientSimulator, distance: GradientDistance, z0: torch.Tensor, labels: torch.Tensor,
@@ -103,9 +107,6 @@ def phases(sim: ClientSimulator, distance: GradientDistance, z0: torch.Tensor, l
     return {name: float(np.median(v)) for name, v in times.items()}, flops
 
 
-PHASES = ("forward", "client gradient", "distance", "∂/∂z")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="resnet18")
@@ -128,7 +129,8 @@ def main() -> None:
     distance = GradientDistance(sim.target, r.loss, r.layer_weights)
     z0 = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0))
     labels = torch.as_tensor(data.train.batch(list(batch))[1])
-    ms, flops = phases(sim, distance, z0, labels, args.repeats)
+    with tuned_for(model, torch.device("cpu")):  # the threads and kernels the attack runs this model with
+        ms, flops = phases(sim, distance, z0, labels, args.repeats)
     rows = []
     gradient_bytes = 4 * sum(t.numel() for t in sim.target)
     for name in PHASES:
