@@ -1,7 +1,8 @@
 """How far one gradient-matching iteration is from the machine's limits, phase by phase. Prints JSON.
 
 The machine: fp32 matrix-product peak (the best of repeated 2048² ``torch.mm``) and memory bandwidth (a dot
-product of two 45 MB vectors, read once each), on the threads torch uses.
+product of two 45 MB vectors, read once each), on the threads torch uses (small models run on one, as the attack
+runs them: ``tuned_for``; their limits are per-operation overhead, not these).
 
 The case: GGI's objective on one client's observation, built as the attack builds it (``ClientSimulator``,
 ``GradientDistance``: GemmConv2d, AffineBatchNorm2d, FusedCosine on CPU), in the phases of one iteration:
