@@ -2,7 +2,7 @@
 
 The machine: fp32 matrix-product peak (the best of repeated 2048² ``torch.mm``) and memory bandwidth (a dot
 product of two 45 MB vectors, read once each), on the threads torch uses (small models run on one, as the attack
-runs them: ``tuned_for``; their limits are per-operation overhead, not these).
+runs them: ``tuned_for``, and the limits are measured there too).
 
 The case: GGI's objective on one client's observation, built as the attack builds it (``ClientSimulator``,
 ``GradientDistance``: GemmConv2d, AffineBatchNorm2d, FusedCosine on CPU), in the phases of one iteration:
@@ -13,10 +13,10 @@ Per phase: milliseconds (median), matrix-product FLOPs (mm / bmm / addmm / convo
 ``torch.utils.flop_counter``), the GFLOP/s that gives, the milliseconds those FLOPs take at the peak, and "times
 the limit": the phase's time over the GEMM peak's — for the distance (two dot products) over the time to read the
 trial gradient twice and the target once at the memory bandwidth. Then the attack's whole iteration
-(``GradientInversion.reconstruct``'s seconds per iteration: the phases plus the TV prior, Adam, the box and the
-loop) against all phases' FLOPs at the peak; that ratio also bounds what solving K problems together
-(attacks/batched.py) can gain over one by one, as K problems are K times the FLOPs (loosely: the elementwise
-passes grow with K too).
+(``GradientInversion.reconstruct``'s seconds per iteration, from the difference of two runs: the phases plus the
+TV prior, Adam, the box and the loop) against all phases' FLOPs at the peak; that ratio also bounds what solving
+K problems together (attacks/batched.py) can gain over one by one, as K problems are K times the FLOPs (loosely:
+the elementwise passes grow with K too).
 
 Usage: uv run python benchmarks/roofline.py [--model resnet18] [--size 32] [--batch 1] [--batchnorm eval]
        [--repeats 15] [--iterations 30]
@@ -117,8 +117,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--iterations", type=int, default=30, help="of the whole attack, for its s/iteration")
     args = parser.parse_args()
-    limits = machine()
-    peak = limits["gemm_peak_gflops"] * 1e9
     data = load_dataset(DataConfig(dataset="cifar10-sample" if args.size == 32 else "photos", image_size=args.size))
     shape = (3, args.size, args.size)
     model = build_model(ModelConfig(name=args.model), data.num_classes, shape, seed=0)
@@ -131,7 +129,9 @@ def main() -> None:
     z0 = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0))
     labels = torch.as_tensor(data.train.batch(list(batch))[1])
     with tuned_for(model, torch.device("cpu")):  # the threads and kernels the attack runs this model with
+        limits = machine()
         ms, flops = phases(sim, distance, z0, labels, args.repeats)
+    peak = limits["gemm_peak_gflops"] * 1e9
     rows = []
     gradient_bytes = 4 * sum(t.numel() for t in sim.target)
     for name in PHASES:
@@ -144,8 +144,9 @@ def main() -> None:
         else:
             limit, row["limit"] = at_peak, "gemm"
         rows.append(row | {"times_the_limit": round(ms[name] / limit, 1)})
-    rec = GradientInversion("ggi", r).reconstruct(obs, model)
-    iteration_ms = 1e3 * rec.seconds / max(rec.iterations, 1)
+    short, long = (GradientInversion("ggi", r.model_copy(update={"iterations": n})).reconstruct(obs, model)
+                   for n in (5, 5 + args.iterations))  # their difference: iterations without the set-up
+    iteration_ms = 1e3 * (long.seconds - short.seconds) / (long.iterations - short.iterations)
     total_flops = sum(flops.values())
     floor_ms = 1e3 * total_flops / peak
     out = {"case": {"attack": "ggi", "model": args.model, "size": args.size, "batch": args.batch,

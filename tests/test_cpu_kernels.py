@@ -72,6 +72,18 @@ def test_eval_batch_norm_as_an_affine_map_equals_pytorchs_to_the_second_derivati
     torch.testing.assert_close(model[0].train()(x), bn.train()(x))  # train mode: PyTorch's own
 
 
+def test_an_affine_batch_norm_of_bf16_inputs_computes_in_the_statistics_precision_as_pytorchs():
+    torch.manual_seed(3)
+    bn = nn.BatchNorm2d(64).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(0, 3), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+    affine = affine_batch_norms(nn.Sequential(copy.deepcopy(bn)))[0]
+    x = (torch.randn(8, 64, 16, 16) + 1.5).bfloat16()
+    ours, theirs = affine(x), bn(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-2)  # bf16 rounding of the output alone
+
+
 @pytest.mark.parametrize("weights", ["uniform", "linear"])
 def test_fused_cosine_distance_equals_the_plain_formula_and_its_gradient(weights):
     torch.manual_seed(1)

@@ -103,7 +103,7 @@ class AffineBatchNorm2d(nn.BatchNorm2d):
         shift = -self.running_mean * scale
         if self.weight is not None:
             scale, shift = scale * self.weight, shift * self.weight + self.bias
-        return x * scale[:, None, None].to(x.dtype) + shift[:, None, None].to(x.dtype)
+        return (x * scale[:, None, None] + shift[:, None, None]).to(x.dtype)  # in the statistics' precision
 
 
 def affine_batch_norms(model: nn.Module) -> nn.Module:
