@@ -46,7 +46,7 @@ from attacks.optimize import KEEP_MARGIN, Monitor, Trial, clipped, divergence, s
 from attacks.recipe import Recipe
 from attacks.regularizers import Prior, with_priors
 from attacks.replicas import replicate
-from fl_sim.base.cpu import affine_batch_norms, gemm_convolutions, small_on_cpu
+from fl_sim.base.cpu import cpu_kernels, small_on_cpu
 from fl_sim.observation import Observation
 
 
@@ -84,8 +84,6 @@ class BatchedMatching:
                  device: torch.device) -> None:
         self.recipe, self.priors, self.norm = recipe, priors, obs.normalization
         model = copy.deepcopy(model).to(device)
-        if device.type == "cpu":
-            gemm_convolutions(model)
         model.load_state_dict({k: v.to(device) for k, v in obs.global_state.items()})
         model.train()
         if obs.meta.batchnorm == "train":  # batch statistics only; running statistics never touched
@@ -94,8 +92,8 @@ class BatchedMatching:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-            if device.type == "cpu":
-                affine_batch_norms(model)
+        if device.type == "cpu":
+            cpu_kernels(model)
         self.model, self.device = model, device
         self.params = {n: p.detach() for n, p in model.named_parameters()}
         self.buffers = {n: b for n, b in model.named_buffers()}

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from attacks.bn_buffers import ClientStatistics, ClientStatsBatchNorm, batch_statistics, unbiased, use_client_statistics
-from fl_sim.base.cpu import affine_batch_norms, gemm_convolutions
+from fl_sim.base.cpu import cpu_kernels
 from fl_sim.observation import Observation, ProtocolMeta
 
 
@@ -59,8 +59,6 @@ class ClientSimulator:
             raise UnsupportedObservation(f"FedAvg local training with '{meta.optimizer}' cannot be unrolled; "
                                          "gradient matching supports SGD (with momentum / weight decay)")
         self.model = copy.deepcopy(model).to(device)
-        if device.type == "cpu":  # every pass of the double backward one GEMM (fl_sim.base.cpu)
-            gemm_convolutions(self.model)
         self.model.load_state_dict({k: v.to(device) for k, v in obs.global_state.items()})
         self.model.train()
         for m in self.model.modules():
@@ -70,8 +68,8 @@ class ClientSimulator:
                     m.eval()
         if client_stats is not None:
             use_client_statistics(self.model, client_stats)
-        if device.type == "cpu":  # eval-mode BatchNorm as an affine map: a cheaper double backward (fl_sim.base.cpu)
-            affine_batch_norms(self.model)
+        if device.type == "cpu":  # GEMM convolutions, affine eval BatchNorm: cheaper double backwards
+            cpu_kernels(self.model)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.names = [n for n, _ in self.model.named_parameters()]

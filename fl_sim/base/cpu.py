@@ -120,3 +120,9 @@ def affine_batch_norms(model: nn.Module) -> nn.Module:
                 setattr(affine, buffer, getattr(bn, buffer))
             setattr(parent, name, affine.eval())
     return model
+
+
+def cpu_kernels(model: nn.Module) -> nn.Module:
+    """The attacks' CPU fast paths in ``model`` (in place, and returned): GEMM convolutions and eval-mode BatchNorm as
+    an affine map — the same functions with cheaper double backwards. Call after setting the modes."""
+    return affine_batch_norms(gemm_convolutions(model))
