@@ -93,7 +93,7 @@ class BatchedMatching:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         if device.type == "cpu":
-            cpu_kernels(model)
+            cpu_kernels(model, autograd=False)  # vmapped or compiled
         self.model, self.device = model, device
         self.params = {n: p.detach() for n, p in model.named_parameters()}
         self.buffers = {n: b for n, b in model.named_buffers()}

@@ -35,7 +35,7 @@ class ReplicatedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        cols, oh, ow = im2col(x, self)  # (N, K·C·kh·kw, L)
+        cols, oh, ow = im2col(x, self, strided=True)  # (N, K·C·kh·kw, L)
         cols = cols.view(n, self.k, -1, oh * ow).permute(1, 2, 0, 3).reshape(self.k, -1, n * oh * ow)
         weight = self.weight.view(self.k, self.out_channels, -1)
         out = (torch.bmm(weight, cols) if self.bias is None  # (K, O, N·L)

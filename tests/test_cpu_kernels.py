@@ -1,15 +1,21 @@
 """The CPU fast paths of gradient matching compute the same functions as PyTorch's own kernels:
 GemmConv2d against nn.Conv2d and AffineBatchNorm2d against nn.BatchNorm2d (values, first and second
-derivatives), FusedCosine against autograd of the plain formula and against finite differences (gradcheck)."""
+derivatives), the strided Im2col against F.unfold, FusedCosine against autograd of the plain formula and against
+finite differences (gradcheck); retained memory is reused without page faults."""
 
 import copy
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attacks.matching import FusedCosine, GradientDistance, gradient_distance, weighted_norm
-from fl_sim.base.cpu import AffineBatchNorm2d, GemmConv2d, affine_batch_norms, gemm_convolutions
+from fl_sim.base import cpu
+from fl_sim.base.cpu import AffineBatchNorm2d, GemmConv2d, affine_batch_norms, gemm_convolutions, im2col
 
 CONVS = [  # (in, out, kernel, stride, padding, dilation, bias)
     (3, 8, 3, 1, 1, 1, True), (4, 6, 3, 2, 1, 1, False), (5, 7, 1, 2, 0, 1, False), (5, 7, 1, 1, 0, 1, True),
@@ -38,6 +44,52 @@ def test_gemm_convolution_equals_pytorchs_convolution_to_the_second_derivative(s
                             strict=True):
         assert ours.shape == theirs.shape
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("spec", CONVS)
+def test_strided_im2col_is_pytorchs_unfold_to_the_third_derivative(spec):
+    """Im2col / Col2im (each the other's backward) against F.unfold, whose backward is PyTorch's col2im: values,
+    and gradcheck / gradgradcheck against finite differences in float64."""
+    c_in, c_out, k, s, p, d, _ = spec
+    conv = nn.Conv2d(c_in, c_out, k, stride=s, padding=p, dilation=d)
+    x = torch.randn(2, c_in, 11, 9, dtype=torch.float64, requires_grad=True)
+    theirs, oh, ow = im2col(x, conv)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "STRIDED_MIN_POSITIONS", 1)
+        ours, *out = im2col(x, conv, strided=True)
+
+        def strided(t):
+            return im2col(t, conv, strided=True)[0]
+        assert torch.autograd.gradcheck(strided, (x,))
+        assert torch.autograd.gradgradcheck(strided, (x,))
+    assert out == [oh, ow]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    cols = torch.randn_like(theirs, requires_grad=True)
+    (ours_back,) = torch.autograd.grad(ours, x, cols, create_graph=True)  # col2im
+    (theirs_back,) = torch.autograd.grad(theirs, x, cols, create_graph=True)
+    folded = F.fold(cols, x.shape[2:], conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    torch.testing.assert_close(ours_back, theirs_back, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_back, folded, rtol=1e-12, atol=1e-12)
+    probe = torch.randn_like(x)  # col2im's backward: im2col again
+    torch.testing.assert_close(torch.autograd.grad((ours_back * probe).sum(), cols)[0],
+                               torch.autograd.grad((theirs_back * probe).sum(), cols)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_gemm_convolution_of_a_large_image_takes_the_strided_im2col_in_plain_autograd_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu.Im2col, "apply", lambda *a: calls.append(a) or cpu.strided_columns(*a))
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 16, 16)
+    plain = gemm_convolutions(nn.Sequential(copy.deepcopy(conv)))[0]
+    fast = cpu.cpu_kernels(nn.Sequential(copy.deepcopy(conv)))[0]
+    assert not plain.strided and fast.strided
+    torch.testing.assert_close(plain(x), conv(x))
+    assert not calls
+    torch.testing.assert_close(fast(x), conv(x))
+    assert len(calls) == 1
+    fast(x[..., :15, :15])  # 225 positions: under STRIDED_MIN_POSITIONS, PyTorch's kernels
+    assert len(calls) == 1
+    assert not cpu.cpu_kernels(nn.Sequential(copy.deepcopy(conv)), autograd=False)[0].strided
 
 
 def test_gemm_convolutions_keeps_the_parameters_and_leaves_other_convolutions_alone():
@@ -111,3 +163,30 @@ def test_under_bf16_autocast_a_gemm_convolution_returns_what_pytorchs_does():
         ours, theirs = gemm(x), conv(x)
     assert ours.dtype == theirs.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), theirs.float(), atol=0.05, rtol=0.02)
+
+
+FAULTS = """
+import resource, sys, torch
+from fl_sim.base.cpu import retain_freed_memory
+retained = sys.argv[1] == "1" and retain_freed_memory()
+for _ in range(3):  # warm: the heap grows once
+    [torch.ones(2_400_000) for _ in range(4)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):  # four 9.6 MB tensors freed together each round, as an iteration's layer gradients are
+    [torch.ones(2_400_000) for _ in range(4)]
+print(retained, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_retained_memory_is_reused_without_faulting_its_pages_in_again():
+    def faults(retain: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FAULTS, retain], capture_output=True, text=True, check=True)
+        retained, count = out.stdout.split()
+        return retained, int(count)
+
+    default, kept = faults("0"), faults("1")
+    assert default[0] == "False" and kept[0] == "True"
+    pages = 20 * 4 * 4 * 2_400_000 // 4096  # every round's pages: ~188 000
+    assert default[1] > pages // 2  # glibc's default trims the freed top of its heap: fresh pages each round
+    assert kept[1] < pages // 100
