@@ -119,16 +119,15 @@ def summed_columns(cols: torch.Tensor, g: Geometry) -> torch.Tensor:
     return padded[:, :, ph:ph + h, pw:pw + w].contiguous()
 
 
+def _keep_geometry(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.geometry = inputs[1]
+
+
 class Im2col(torch.autograd.Function):
-    """strided_columns, differentiable to any order: its backward is Col2im, whose backward is Im2col."""
+    """strided_columns (x, geometry), differentiable to any order: its backward is Col2im, whose backward is Im2col."""
 
-    @staticmethod
-    def forward(x: torch.Tensor, g: Geometry) -> torch.Tensor:
-        return strided_columns(x, g)
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.geometry = inputs[1]
+    forward = staticmethod(strided_columns)
+    setup_context = staticmethod(_keep_geometry)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -136,15 +135,10 @@ class Im2col(torch.autograd.Function):
 
 
 class Col2im(torch.autograd.Function):
-    """summed_columns, differentiable to any order (its backward is Im2col)."""
+    """summed_columns (cols, geometry), differentiable to any order (its backward is Im2col)."""
 
-    @staticmethod
-    def forward(cols: torch.Tensor, g: Geometry) -> torch.Tensor:
-        return summed_columns(cols, g)
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.geometry = inputs[1]
+    forward = staticmethod(summed_columns)
+    setup_context = staticmethod(_keep_geometry)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
