@@ -105,7 +105,7 @@ class GradientInversion(ObservationAttack):
         device = next(model.parameters()).device
         if (why := unavailable(self.recipe.precision, device)) is not None:  # device = 'auto' found no CUDA
             return self._failed(obs, why)
-        with tuned_for(model, device):
+        with tuned_for(model, device, single_image=obs.meta.batch_size == 1 and not self.recipe.compile):
             if self.recipe.compile and oracle_labels is None and unbatchable(self.recipe, [obs], model) is None:
                 return self._reconstruct_batched([obs], model, device)[0]  # compiling needs the functional step
             return self._reconstruct(obs, model, oracle_labels)

@@ -12,18 +12,21 @@ GGI objective evaluation with ∂/∂z at batch 1: ResNet-18 (32 px, eval-mode B
 the ConvNet 14.3 → 9.1 ms, the DLG LeNet 2.1 → 1.9 ms (one thread, tuned_for); train-mode ResNet-18
 288 → 256 ms. An eval-mode BatchNorm's double backward is cheaper as the affine map it is
 (:func:`affine_batch_norms`); GGI seconds per iteration on 2 cores: ResNet-18 32 px batch 1 0.176 → 0.168, batch 8
-0.568 → 0.544, ResNet-50 224 px batch 8 8.0 → 5.6 (the ConvNet unchanged). In plain autograd, im2col of 16 × 16
-positions and more is a strided copy (:class:`Im2col`), and on CPU freed memory stays in the process
-(:func:`retain_freed_memory`).
+0.568 → 0.544, ResNet-50 224 px batch 8 8.0 → 5.6 (the ConvNet unchanged). In plain autograd, im2col of 8 × 8
+positions and more is a strided copy (:class:`Im2col`), on CPU freed memory stays in the process
+(:func:`retain_freed_memory`), and a large model's single-image attack runs PyTorch's kernels on one thread and only
+MKL's products on all (:func:`threads_for_gemms_only`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -57,14 +60,55 @@ def retain_freed_memory() -> bool:
         (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 64 << 20)))
 
 
+@functools.cache
+def bundled_mkl() -> ctypes.CDLL | None:
+    """The Intel MKL inside PyTorch's CPU library (the x86 wheels link it in), for its service functions; None where
+    PyTorch has none (ARM, macOS builds)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    except OSError:
+        return None
+    if not hasattr(lib, "MKL_Set_Num_Threads_Local"):  # the C interface (the lower-case name is Fortran's)
+        return None
+    lib.MKL_Set_Num_Threads_Local.argtypes, lib.MKL_Set_Num_Threads_Local.restype = [ctypes.c_int], ctypes.c_int
+    return lib
+
+
 @contextmanager
-def tuned_for(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """One thread and native convolutions for small models on CPU; restored afterwards. On CPU, freed memory is
-    retained (:func:`retain_freed_memory`)."""
+def threads_for_gemms_only() -> Iterator[bool]:
+    """PyTorch's own kernels on one thread, MKL's matrix products and dot products on all of PyTorch's threads (this
+    thread only; restored afterwards; yields whether it could). With ``OMP_WAIT_POLICY=PASSIVE`` every parallel
+    kernel wakes the sleeping threads first: on 2 cores an add of 60 000 floats takes 48 µs on two threads and 9 µs on
+    one, a strided im2col of 64 channels at 32 px 238 against 76 µs, while a 4608 × 512 @ 512 × 16 product keeps its
+    two threads (0.76 ms; 1.18 ms on one)."""
+    threads = torch.get_num_threads()
+    mkl = bundled_mkl()
+    if threads == 1 or mkl is None:
+        yield False
+        return
+    torch.set_num_threads(1)  # also sets MKL's process-wide count; the thread-local one below takes precedence
+    previous = mkl.MKL_Set_Num_Threads_Local(threads)
+    try:
+        yield True
+    finally:
+        mkl.MKL_Set_Num_Threads_Local(previous)  # 0: this thread follows the process-wide count again
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def tuned_for(model: nn.Module, device: torch.device, single_image: bool = False) -> Iterator[None]:
+    """One thread and native convolutions for small models on CPU; restored afterwards. Larger models, when every
+    forward is of one image (``single_image``: the convolutions are GemmConv2d's GEMMs then), run everything but
+    MKL's products on one thread (:func:`threads_for_gemms_only`; GGI, batch 1, one iteration: ResNet-18 32 px 0.81–
+    0.83x the time, ResNet-50 224 px 0.91x) — PyTorch's batched convolutions (oneDNN) need all threads. On CPU, freed
+    memory is retained (:func:`retain_freed_memory`)."""
     if device.type == "cpu":
         retain_freed_memory()
     if not small_on_cpu(model, device):
-        yield
+        with threads_for_gemms_only() if device.type == "cpu" and single_image else contextlib.nullcontext():
+            yield
         return
     threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     torch.set_num_threads(1)
@@ -76,7 +120,8 @@ def tuned_for(model: nn.Module, device: torch.device) -> Iterator[None]:
         torch.backends.mkldnn.enabled = mkldnn
 
 
-STRIDED_MIN_POSITIONS = 256
+STRIDED_MIN_POSITIONS = 64  # output positions from which im2col is a strided copy (Im2col)
+SUMMED_MIN_ELEMENTS = 32_768  # columns per kernel tap (C · oh · ow) from which col2im adds tap by tap
 
 
 class Geometry(NamedTuple):
@@ -119,6 +164,17 @@ def summed_columns(cols: torch.Tensor, g: Geometry) -> torch.Tensor:
     return padded[:, :, ph:ph + h, pw:pw + w].contiguous()
 
 
+def col2im(cols: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """The adjoint of strided_columns, (N, C·kh·kw, oh·ow) → (N, C, H, W): tap by tap (summed_columns) where each tap
+    holds SUMMED_MIN_ELEMENTS columns or more, else PyTorch's col2im (``F.fold``), whose per-call cost is lower than
+    kh·kw additions there (one thread: 5×5 taps of 96 channels at 8 × 8 155 against 387 µs; 3×3 of 64 channels at
+    32 px 633 against 210 µs)."""
+    (_, c, h, w), (oh, ow) = g.input, g.out
+    if c * oh * ow >= SUMMED_MIN_ELEMENTS:
+        return summed_columns(cols, g)
+    return F.fold(cols, (h, w), g.kernel, g.dilation, g.padding, g.stride)
+
+
 def _keep_geometry(ctx, inputs: tuple, output: torch.Tensor) -> None:
     ctx.geometry = inputs[1]
 
@@ -135,9 +191,9 @@ class Im2col(torch.autograd.Function):
 
 
 class Col2im(torch.autograd.Function):
-    """summed_columns (cols, geometry), differentiable to any order (its backward is Im2col)."""
+    """col2im (cols, geometry), differentiable to any order (its backward is Im2col)."""
 
-    forward = staticmethod(summed_columns)
+    forward = staticmethod(col2im)
     setup_context = staticmethod(_keep_geometry)
 
     @staticmethod
@@ -149,9 +205,9 @@ def im2col(x: torch.Tensor, conv: nn.Conv2d | nn.Module, strided: bool = False) 
     """The columns of ``x`` (N, C, H, W) under ``conv``'s kernel, stride, padding and dilation: (N, C·kh·kw, L) with
     L = oh · ow, and (oh, ow). A 1×1 kernel without padding is a strided view (no copy). ``strided`` (plain autograd
     only: vmap and compile take ``F.unfold``): from STRIDED_MIN_POSITIONS output positions on, ``Im2col`` — a copy of
-    a strided view, and its backward taps added into a padded image — instead of PyTorch's im2col / col2im kernels
-    (2 cores, 3×3 on 64 channels at 32 px: 0.23 vs 1.17 ms forward, 0.48 vs 1.68 ms backward; on 128 at 16 px 0.16 vs
-    0.66 and 0.48 vs 0.86; no faster at 8 × 8, slower at 4 × 4)."""
+    a strided view (its backward: :func:`col2im`) — instead of PyTorch's im2col kernel (one thread: 3×3 on 64
+    channels at 32 px 76 against 729 µs, on 256 at 8 × 8 102 against 182 µs, 5×5 on 96 at 8 × 8 96 against 187 µs;
+    slower at 4 × 4: 75 against 52 µs on 256 channels)."""
     _, _, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
