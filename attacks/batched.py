@@ -13,7 +13,7 @@ Train-mode BatchNorm uses each problem's own batch statistics (``replace_all_bat
 running statistics are never read or written, as the one-by-one simulator leaves them). With
 ``recipe.compile`` the vmapped step is one ``torch.compile``d graph (the double backward traced out). Small
 models on CPU (``small_on_cpu``) take the same step through K replicas of the model in one
-(attacks.replicas: plain autograd on K-times wider layers; LeNet, K = 8: 2.5-2.9x the one-by-one time against
+(attacks.replicas: plain autograd on K-times wider layers; LeNet, K = 8: 2.7-3.2x the one-by-one time against
 vmap's 1.9-2.0x, benchmarks/batched_attacks.py), unless the model has a layer the replicas cannot express.
 
 Opt-in (``batched = true`` in the attack entry): a batched result equals the one-by-one result only up
