@@ -63,11 +63,12 @@ def retain_freed_memory() -> bool:
 @functools.cache
 def bundled_mkl() -> ctypes.CDLL | None:
     """The Intel MKL inside PyTorch's CPU library (the x86 wheels link it in), for its service functions; None where
-    PyTorch has none (ARM, macOS builds)."""
+    PyTorch has none (ARM builds, say)."""
     if not torch.backends.mkl.is_available():
         return None
+    name = {"Windows": "torch_cpu.dll", "Darwin": "libtorch_cpu.dylib"}.get(platform.system(), "libtorch_cpu.so")
     try:
-        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
     except OSError:
         return None
     if not hasattr(lib, "MKL_Set_Num_Threads_Local"):  # the C interface (the lower-case name is Fortran's)
@@ -88,21 +89,20 @@ def threads_for_gemms_only() -> Iterator[bool]:
     if threads == 1 or mkl is None:
         yield False
         return
-    torch.set_num_threads(1)  # also sets MKL's process-wide count; the thread-local one below takes precedence
-    previous = mkl.MKL_Set_Num_Threads_Local(threads)
     try:
+        torch.set_num_threads(1)  # PyTorch sets MKL's count for this thread too: raised again just below
+        mkl.MKL_Set_Num_Threads_Local(threads)
         yield True
     finally:
-        mkl.MKL_Set_Num_Threads_Local(previous)  # 0: this thread follows the process-wide count again
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # both counts as they were
 
 
 @contextmanager
 def tuned_for(model: nn.Module, device: torch.device, single_image: bool = False) -> Iterator[None]:
     """One thread and native convolutions for small models on CPU; restored afterwards. Larger models, when every
     forward is of one image (``single_image``: the convolutions are GemmConv2d's GEMMs then), run everything but
-    MKL's products on one thread (:func:`threads_for_gemms_only`; GGI, batch 1, one iteration: ResNet-18 32 px 0.81–
-    0.83x the time, ResNet-50 224 px 0.91x) — PyTorch's batched convolutions (oneDNN) need all threads. On CPU, freed
+    MKL's products on one thread (:func:`threads_for_gemms_only`; GGI, batch 1, one iteration: ResNet-18 32 px 0.83–
+    0.88x the time, ResNet-50 224 px 0.91x) — PyTorch's batched convolutions (oneDNN) need all threads. On CPU, freed
     memory is retained (:func:`retain_freed_memory`)."""
     if device.type == "cpu":
         retain_freed_memory()
@@ -167,8 +167,8 @@ def summed_columns(cols: torch.Tensor, g: Geometry) -> torch.Tensor:
 def col2im(cols: torch.Tensor, g: Geometry) -> torch.Tensor:
     """The adjoint of strided_columns, (N, C·kh·kw, oh·ow) → (N, C, H, W): tap by tap (summed_columns) where each tap
     holds SUMMED_MIN_ELEMENTS columns or more, else PyTorch's col2im (``F.fold``), whose per-call cost is lower than
-    kh·kw additions there (one thread: 5×5 taps of 96 channels at 8 × 8 155 against 387 µs; 3×3 of 64 channels at
-    32 px 633 against 210 µs)."""
+    kh·kw additions there (one thread, F.fold against tap by tap: 5×5 taps of 96 channels at 8 × 8 155 against
+    387 µs; 3×3 of 64 channels at 32 px 633 against 210 µs)."""
     (_, c, h, w), (oh, ow) = g.input, g.out
     if c * oh * ow >= SUMMED_MIN_ELEMENTS:
         return summed_columns(cols, g)
