@@ -78,21 +78,21 @@ def bundled_mkl() -> ctypes.CDLL | None:
 
 
 @contextmanager
-def threads_for_gemms_only() -> Iterator[bool]:
+def threads_for_gemms_only() -> Iterator[None]:
     """PyTorch's own kernels on one thread, MKL's matrix products and dot products on all of PyTorch's threads (this
-    thread only; restored afterwards; yields whether it could). With ``OMP_WAIT_POLICY=PASSIVE`` every parallel
-    kernel wakes the sleeping threads first: on 2 cores an add of 60 000 floats takes 48 µs on two threads and 9 µs on
-    one, a strided im2col of 64 channels at 32 px 238 against 76 µs, while a 4608 × 512 @ 512 × 16 product keeps its
-    two threads (0.76 ms; 1.18 ms on one)."""
+    thread only; restored afterwards; without PyTorch's MKL, or on one thread, nothing changes). With
+    ``OMP_WAIT_POLICY=PASSIVE`` every parallel kernel wakes the sleeping threads first: on 2 cores an add of 60 000
+    floats takes 48 µs on two threads and 9 µs on one, a strided im2col of 64 channels at 32 px 238 against 76 µs,
+    while a 4608 × 512 @ 512 × 16 product keeps its two threads (0.76 ms; 1.18 ms on one)."""
     threads = torch.get_num_threads()
     mkl = bundled_mkl()
     if threads == 1 or mkl is None:
-        yield False
+        yield
         return
     try:
         torch.set_num_threads(1)  # PyTorch sets MKL's count for this thread too: raised again just below
         mkl.MKL_Set_Num_Threads_Local(threads)
-        yield True
+        yield
     finally:
         torch.set_num_threads(threads)  # both counts as they were
 
