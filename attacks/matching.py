@@ -10,7 +10,11 @@ so a small model's one-by-one and batched runs round alike.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from fl_sim.base.cpu import blas_on_one_thread
 
 
 def layer_weights(n: int, scheme: str) -> list[float]:
@@ -57,13 +61,16 @@ def accurate_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class FusedCosine(torch.autograd.Function):
     """1 − Σ w_l⟨g_l, t_l⟩ / (√Σ w_l‖g_l‖² · T) for trial tensors g (differentiable once: its backward is not
-    differentiated again), target tensors t and T = √Σ w_l‖t_l‖²."""
+    differentiated again), target tensors t and T = √Σ w_l‖t_l‖². On CPU its dot products run on one BLAS thread
+    (:func:`blas_on_one_thread`: the forward over ResNet-18's 11 M parameters on 2 cores takes 10–12 ms
+    against 22–25 ms on two threads)."""
 
     @staticmethod
     def forward(ctx, target: list[torch.Tensor], weights: list[float], target_norm: torch.Tensor,
                 *trial: torch.Tensor) -> torch.Tensor:
-        dot = sum(w * accurate_dot(g, t) for w, g, t in zip(weights, trial, target, strict=True))
-        trial_sq = sum(w * accurate_dot(g, g) for w, g in zip(weights, trial, strict=True))
+        with blas_on_one_thread() if target_norm.device.type == "cpu" else contextlib.nullcontext():
+            dot = sum(w * accurate_dot(g, t) for w, g, t in zip(weights, trial, target, strict=True))
+            trial_sq = sum(w * accurate_dot(g, g) for w, g in zip(weights, trial, strict=True))
         denominator = (torch.sqrt(trial_sq) * target_norm).clamp_min(1e-30)
         ctx.save_for_backward(dot, trial_sq, denominator, *trial)
         ctx.target, ctx.weights = target, weights

@@ -3,6 +3,7 @@ GemmConv2d against nn.Conv2d and AffineBatchNorm2d against nn.BatchNorm2d (value
 derivatives), the strided Im2col against F.unfold, FusedCosine against autograd of the plain formula and against
 finite differences (gradcheck); retained memory is reused without page faults."""
 
+import contextlib
 import copy
 import platform
 import subprocess
@@ -220,5 +221,31 @@ def test_a_large_model_of_single_images_runs_only_mkls_products_on_all_threads()
             assert (torch.get_num_threads(), mkl.MKL_Get_Max_Threads()) == (2, 2)
         with cpu.tuned_for(nn.Linear(10, 2), here, single_image=True):
             assert (torch.get_num_threads(), mkl.MKL_Get_Max_Threads()) == (1, 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_fused_distance_takes_its_dot_products_on_one_blas_thread(monkeypatch):
+    """On CPU FusedCosine's dot products run with MKL's count at 1 (read back from MKL at every dot), inside the
+    thread split too, and both counts are as they were afterwards."""
+    mkl = cpu.bundled_mkl()
+    if mkl is None:
+        pytest.skip("this PyTorch carries no MKL")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    counts, dot = [], torch.dot
+    monkeypatch.setattr(torch, "dot", lambda a, b: counts.append(mkl.MKL_Get_Max_Threads()) or dot(a, b))
+    target = [torch.randn(300_000), torch.randn(700_000), torch.randn(10)]
+    distance = GradientDistance(target, "cosine", "uniform")
+    try:
+        assert distance.fused
+        for split in (False, True):
+            with cpu.threads_for_gemms_only() if split else contextlib.nullcontext():
+                outside = mkl.MKL_Get_Max_Threads()
+                value = distance([t * 2 for t in target])
+                assert mkl.MKL_Get_Max_Threads() == outside == 2
+        assert len(counts) == 2 * 2 * (3 + 6 + 1) and set(counts) == {1}  # chunks of 131 072: 3 + 6 + 1 per dot
+        assert abs(value.item()) < 1e-6  # the same direction: distance 0
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
