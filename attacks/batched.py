@@ -73,7 +73,8 @@ def unbatchable(recipe: Recipe, observations: list[Observation], model: nn.Modul
         return "the problems differ in batch size or global model"
     device = next(model.parameters()).device
     if not recipe.compile and device.type == "cpu" and not small_on_cpu(model, device):
-        return "on CPU, eager, a model of a million parameters and more runs faster one by one than vmapped"
+        return ("on CPU, eager, a model of a million parameters and more runs faster one problem per core "
+                "(fl_sim.base.cpu.one_per_core) than vmapped")
     return None
 
 

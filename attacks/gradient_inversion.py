@@ -35,7 +35,7 @@ from attacks.regularizers import (
     with_priors,
 )
 from attacks.simulate import ClientSimulator, UnsupportedObservation
-from fl_sim.base.cpu import tuned_for
+from fl_sim.base.cpu import one_per_core, small_on_cpu, tuned_for
 from fl_sim.base.precision import arithmetic, unavailable
 from fl_sim.base.streams import ATTACK_START
 from fl_sim.observation import Observation
@@ -175,9 +175,14 @@ class GradientInversion(ObservationAttack):
 
     def reconstruct_many(self, observations: list[Observation], model: nn.Module) -> list[Reconstruction]:
         """Every observation of one round, all restarts included, as one batched optimisation when the
-        recipe asks for it (``batched``) and allows it (attacks.batched); otherwise one by one."""
+        recipe asks for it (``batched``) and allows it (attacks.batched); otherwise each alone — on CPU a model
+        of a million parameters and more side by side, one observation per core (fl_sim.base.cpu.one_per_core:
+        the same results)."""
         alone = len(observations) * self.recipe.restarts < 2 and not self.recipe.compile
         if alone or not self.recipe.batched or unbatchable(self.recipe, observations, model) is not None:
+            device = next(model.parameters()).device
+            if device.type == "cpu" and not small_on_cpu(model, device) and not self.recipe.compile:
+                return one_per_core(lambda obs: self.reconstruct(obs, model), observations)
             return [self.reconstruct(obs, model) for obs in observations]
         device = next(model.parameters()).device
         if (why := unavailable(self.recipe.precision, device)) is not None:

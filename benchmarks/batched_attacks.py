@@ -9,7 +9,8 @@ process's max RSS so far).
 
 Settings: DLG with Adam on the DLG LeNet (32 px; the L-BFGS presets run one by one), GGI on the DLG
 LeNet and on ResNet-18 (32 px, batch 1), and on a GPU GGI on ResNet-50 (224 px photos, batch 8). On CPU, eager,
-ResNet-18's "batched" run is one by one (attacks.batched.unbatchable: vmap measured 0.71-0.77x there).
+ResNet-18's "batched" run takes one problem per core, each alone (fl_sim.base.cpu.one_per_core; attacks.batched.
+unbatchable: vmap measured 0.71-0.77x there).
 
 Usage: uv run python benchmarks/batched_attacks.py [--settings ggi/lenet ...] [--ks 1 4 8 16]
        [--iterations N] [--no-compile] [--device cpu]

@@ -128,7 +128,8 @@ def main() -> None:
     distance = GradientDistance(sim.target, r.loss, r.layer_weights)
     z0 = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0))
     labels = torch.as_tensor(data.train.batch(list(batch))[1])
-    with tuned_for(model, torch.device("cpu")):  # the threads and kernels the attack runs this model with
+    # the threads and kernels the attack runs this model with (GradientInversion.reconstruct: single images)
+    with tuned_for(model, torch.device("cpu"), single_image=args.batch == 1):
         limits = machine()
         ms, flops = phases(sim, distance, z0, labels, args.repeats)
     peak = limits["gemm_peak_gflops"] * 1e9

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -87,7 +88,7 @@ def test_train_mode_batchnorm_uses_each_problems_own_batch_statistics():
         o, global_state={k: v.double() if v.is_floating_point() else v for k, v in o.global_state.items()},
         update={k: v.double() for k, v in o.update.items()}) for o in observations]
     r = recipe("ggi")
-    assert "one by one" in unbatchable(r, observations, model)  # on CPU, eager: ResNet-18 is solved one by one
+    assert "one problem per core" in unbatchable(r, observations, model)  # on CPU, eager: not vmapped
     assert unbatchable(r.model_copy(update={"compile": True}), observations, model) is None
     matching = BatchedMatching(model, observations[0], r, [], torch.device("cpu"))
     sims = [ClientSimulator(model, o, torch.device("cpu")) for o in observations]
@@ -177,3 +178,25 @@ def test_a_model_the_replicas_cannot_express_is_refused():
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 36, 10))
     assert replicate(plain, 2, (1, 3, 8, 8)) is not None
+
+
+def test_on_cpu_a_large_models_clients_are_attacked_side_by_side_with_the_results_of_one_by_one(monkeypatch):
+    """ResNet-18 on CPU, eager: reconstruct_many solves the round's clients one per core (one_per_core) — two
+    threads at once, PyTorch's and MKL's counts 1 inside — and returns exactly what one by one does."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: one by one")
+    model, observations = round_of("resnet18", 3)
+    attack = GradientInversion("ggi", recipe("ggi", iterations=3))
+    one_by_one = [attack.reconstruct(o, model) for o in observations]
+    seen, reconstruct = [], GradientInversion.reconstruct
+
+    def watched(self, obs, model, oracle_labels=None):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return reconstruct(self, obs, model, oracle_labels)
+
+    monkeypatch.setattr(GradientInversion, "reconstruct", watched)
+    side_by_side = attack.reconstruct_many(observations, model)
+    assert len({ident for ident, _ in seen}) == 2 and threading.get_ident() not in {ident for ident, _ in seen}
+    assert {threads for _, threads in seen} == {1}
+    for a, b in zip(one_by_one, side_by_side, strict=True):
+        assert b.failure is None and torch.equal(a.images, b.images) and a.loss_trace == b.loss_trace

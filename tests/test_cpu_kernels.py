@@ -8,6 +8,7 @@ import copy
 import platform
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -246,6 +247,35 @@ def test_the_fused_distance_takes_its_dot_products_on_one_blas_thread(monkeypatc
                 assert mkl.MKL_Get_Max_Threads() == outside == 2
         assert len(counts) == 2 * 2 * (3 + 6 + 1) and set(counts) == {1}  # chunks of 131 072: 3 + 6 + 1 per dot
         assert abs(value.item()) < 1e-6  # the same direction: distance 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_one_per_core_runs_the_items_side_by_side_each_on_one_thread_in_order():
+    mkl = cpu.bundled_mkl()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        started = threading.Barrier(2, timeout=10)  # passes only if two items run at once
+
+        def item(x: int) -> tuple[int, int, int | None]:
+            if x < 2:
+                started.wait()
+            return x * x, torch.get_num_threads(), mkl.MKL_Get_Max_Threads() if mkl is not None else None
+
+        out = cpu.one_per_core(item, list(range(5)))
+        assert [square for square, _, _ in out] == [0, 1, 4, 9, 16]
+        assert {(threads, blas) for _, threads, blas in out} == {(1, 1 if mkl is not None else None)}
+        assert torch.get_num_threads() == 2
+
+        def fails(x: int) -> int:
+            if x == 3:
+                raise ValueError("item 3")
+            return x
+
+        with pytest.raises(ValueError, match="item 3"):
+            cpu.one_per_core(fails, list(range(6)))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -24,16 +24,19 @@ import contextlib
 import ctypes
 import functools
 import platform
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 SMALL_MODEL_PARAMETERS = 1_000_000
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def small_on_cpu(model: nn.Module, device: torch.device) -> bool:
@@ -112,6 +115,48 @@ def blas_on_one_thread() -> Iterator[None]:
         yield
     finally:
         mkl.MKL_Set_Num_Threads_Local(previous)
+
+
+def one_per_core(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(x) for x in items]``, the items side by side on as many threads as PyTorch has, each on one core:
+    PyTorch's count is 1 meanwhile (its kernels run in the calling thread) and every worker runs MKL on its own
+    thread alone (:func:`blas_on_one_thread`); restored afterwards. Results in order; the first exception is
+    re-raised once the workers stop; an interrupt (Ctrl-C) returns at once (daemon workers: their unfinished items
+    end with the process). With one thread, or fewer than two items, one after another. A batch-1 gradient-matching
+    step keeps two cores busy only in its matrix products, so whole problems on separate cores finish sooner (GGI,
+    ResNet-18, 32 px, K = 4 on 2 cores: 1.4–1.8x the throughput of one after another, the same results). ``fn``
+    must not change PyTorch's global settings (thread counts, backends' switches)."""
+    threads = torch.get_num_threads()
+    if threads == 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    results: list[R | None] = [None] * len(items)
+    errors: list[BaseException] = []
+    todo, lock = iter(range(len(items))), threading.Lock()
+
+    def work() -> None:
+        with blas_on_one_thread():
+            while not errors:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = fn(items[i])
+                except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                    errors.append(err)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(min(threads, len(items)))]
+    torch.set_num_threads(1)
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]
 
 
 @contextmanager
