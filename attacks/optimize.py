@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from attacks.recipe import Recipe
+from fl_sim.base.cpu import interrupted
 
 # (z, label logits) → (objective incl. priors, gradient distance alone), both scalars
 Objective = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
@@ -100,6 +101,8 @@ def optimize(objective: Objective, z0: torch.Tensor, logits0: torch.Tensor | Non
         return loss
 
     for i in tqdm(range(recipe.iterations), desc=desc, leave=False, disable=None):
+        if interrupted():  # this attack runs beside others (fl_sim.base.cpu.one_per_core), whose caller stops
+            raise KeyboardInterrupt
         start = (z.detach().clone(), None if logits is None else logits.detach().clone())
         loss = float(opt.step(closure).detach())
         trial.iterations = i + 1

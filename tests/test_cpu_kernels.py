@@ -3,18 +3,22 @@ GemmConv2d against nn.Conv2d and AffineBatchNorm2d against nn.BatchNorm2d (value
 derivatives), the strided Im2col against F.unfold, FusedCosine against autograd of the plain formula and against
 finite differences (gradcheck); retained memory is reused without page faults."""
 
+import _thread
 import contextlib
 import copy
 import platform
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
 from torch import nn
 
 from attacks.matching import FusedCosine, GradientDistance, gradient_distance, weighted_norm
+from attacks.optimize import optimize
+from attacks.recipe import recipe
 from fl_sim.base import cpu
 from fl_sim.base.cpu import AffineBatchNorm2d, GemmConv2d, affine_batch_norms, gemm_convolutions, im2col
 
@@ -279,3 +283,41 @@ def test_one_per_core_runs_the_items_side_by_side_each_on_one_thread_in_order():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_interrupted_one_per_core_stops_its_workers_and_reraises():
+    """Ctrl-C while items run side by side: the workers see interrupted() and return, no new item starts, the
+    interrupt reaches the caller within moments, and the thread count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    started = []
+
+    def item(x: int) -> int:
+        started.append(x)
+        deadline = time.monotonic() + 60
+        while not cpu.interrupted() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if cpu.interrupted():
+            raise KeyboardInterrupt
+        return x
+
+    try:
+        threading.Timer(0.3, _thread.interrupt_main).start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            cpu.one_per_core(item, list(range(6)))
+        assert time.monotonic() - t0 < 10
+        assert sorted(started) == [0, 1] and not cpu.interrupted() and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_optimisation_loop_stops_when_one_per_cores_caller_is_interrupted():
+    r = recipe("dlg", optimizer="adam", lr=0.1, iterations=100)
+    bounds = (torch.zeros(1), torch.ones(1))
+    cpu.INTERRUPTED.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            optimize(lambda z, _: ((z ** 2).sum(),) * 2, torch.ones(1, 1), None, r, bounds)
+    finally:
+        cpu.INTERRUPTED.clear()

@@ -117,15 +117,25 @@ def blas_on_one_thread() -> Iterator[None]:
         mkl.MKL_Set_Num_Threads_Local(previous)
 
 
+INTERRUPTED = threading.Event()  # set while one_per_core's caller waits for its workers to stop
+
+
+def interrupted() -> bool:
+    """Whether :func:`one_per_core`'s caller was interrupted: a long loop in a worker should raise
+    KeyboardInterrupt at its next iteration."""
+    return INTERRUPTED.is_set()
+
+
 def one_per_core(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """``[fn(x) for x in items]``, the items side by side on as many threads as PyTorch has, each on one core:
     PyTorch's count is 1 meanwhile (its kernels run in the calling thread) and every worker runs MKL on its own
     thread alone (:func:`blas_on_one_thread`); restored afterwards. Results in order; the first exception is
-    re-raised once the workers stop; an interrupt (Ctrl-C) returns at once (daemon workers: their unfinished items
-    end with the process). With one thread, or fewer than two items, one after another. A batch-1 gradient-matching
-    step keeps two cores busy only in its matrix products, so whole problems on separate cores finish sooner (GGI,
-    ResNet-18, 32 px, K = 4 on 2 cores: 1.4–1.8x the throughput of one after another, the same results). ``fn``
-    must not change PyTorch's global settings (thread counts, backends' switches)."""
+    re-raised once the workers stop. An interrupt (Ctrl-C) is re-raised once the workers have returned: meanwhile
+    :func:`interrupted` is True, and long loops in ``fn`` stop on it (the attacks' optimisation loop). With one
+    thread, or fewer than two items, one after another. A batch-1 gradient-matching step keeps two cores busy only
+    in its matrix products, so whole problems on separate cores finish sooner (GGI, ResNet-18, 32 px, K = 8 on
+    2 cores: 1.6–1.8x the throughput of one after another, the same images). ``fn`` must not change PyTorch's
+    global settings (thread counts, backends' switches)."""
     threads = torch.get_num_threads()
     if threads == 1 or len(items) < 2:
         return [fn(x) for x in items]
@@ -135,7 +145,7 @@ def one_per_core(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
 
     def work() -> None:
         with blas_on_one_thread():
-            while not errors:
+            while not errors and not INTERRUPTED.is_set():
                 with lock:
                     i = next(todo, None)
                 if i is None:
@@ -145,13 +155,20 @@ def one_per_core(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
                 except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                     errors.append(err)
 
-    workers = [threading.Thread(target=work, daemon=True) for _ in range(min(threads, len(items)))]
+    workers = [threading.Thread(target=work) for _ in range(min(threads, len(items)))]
     torch.set_num_threads(1)
     try:
         for worker in workers:
             worker.start()
         for worker in workers:
+            while worker.is_alive():  # in steps: the main thread then sees an interrupt at once
+                worker.join(0.05)
+    except BaseException:  # an interrupt: the workers stop at their loops' next check
+        INTERRUPTED.set()
+        for worker in workers:
             worker.join()
+        INTERRUPTED.clear()
+        raise
     finally:
         torch.set_num_threads(threads)
     if errors:
