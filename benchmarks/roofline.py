@@ -1,8 +1,8 @@
 """How far one gradient-matching iteration is from the machine's limits, phase by phase. Prints JSON.
 
 The machine: fp32 matrix-product peak (the best of repeated 2048² ``torch.mm``) and memory bandwidth (a dot
-product of two 45 MB vectors, read once each), on the threads torch uses (small models run on one, as the attack
-runs them: ``tuned_for``, and the limits are measured there too).
+product of two 45 MB vectors, read once each), on the threads the attack uses (``tuned_for``: small models on one;
+a large model's single images with PyTorch's kernels on one and MKL's on all), where the limits are measured too.
 
 The case: GGI's objective on one client's observation, built as the attack builds it (``ClientSimulator``,
 ``GradientDistance``: GemmConv2d, AffineBatchNorm2d, FusedCosine on CPU), in the phases of one iteration:
@@ -39,7 +39,7 @@ from attacks.gradient_inversion import GradientInversion  # noqa: E402
 from attacks.matching import GradientDistance  # noqa: E402
 from attacks.recipe import recipe  # noqa: E402
 from attacks.simulate import ClientSimulator  # noqa: E402
-from fl_sim.base.cpu import tuned_for  # noqa: E402
+from fl_sim.base.cpu import bundled_mkl, tuned_for  # noqa: E402
 from fl_sim.data.sources import load_dataset  # noqa: E402
 from fl_sim.leakage.single_client import fedsgd_plan, observe  # noqa: E402
 from fl_sim.models import build_model  # noqa: E402
@@ -59,7 +59,8 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
 def machine() -> dict:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     x, y = torch.randn(11_250_000), torch.randn(11_250_000)
-    return {"threads": torch.get_num_threads(),
+    mkl = bundled_mkl()
+    return {"threads": torch.get_num_threads(), "blas_threads": mkl.MKL_Get_Max_Threads() if mkl else None,
             "gemm_peak_gflops": round(2 * 2048**3 / best_seconds(lambda: a @ b, 5) / 1e9, 1),
             "memory_gb_per_s": round(2 * x.numel() * 4 / best_seconds(lambda: torch.dot(x, y), 10) / 1e9, 1)}
 
