@@ -175,13 +175,15 @@ class GradientInversion(ObservationAttack):
 
     def reconstruct_many(self, observations: list[Observation], model: nn.Module) -> list[Reconstruction]:
         """Every observation of one round, all restarts included, as one batched optimisation when the
-        recipe asks for it (``batched``) and allows it (attacks.batched); otherwise each alone — on CPU a model
-        of a million parameters and more side by side, one observation per core (fl_sim.base.cpu.one_per_core:
-        the same results)."""
+        recipe asks for it (``batched``) and allows it (attacks.batched); otherwise each alone — on CPU, eager, a
+        model of a million parameters and more on single images side by side, one observation per core, when
+        there are at least as many as cores (fl_sim.base.cpu.one_per_core; batches keep all threads each)."""
         alone = len(observations) * self.recipe.restarts < 2 and not self.recipe.compile
         if alone or not self.recipe.batched or unbatchable(self.recipe, observations, model) is not None:
             device = next(model.parameters()).device
-            if device.type == "cpu" and not small_on_cpu(model, device) and not self.recipe.compile:
+            if (device.type == "cpu" and not small_on_cpu(model, device) and not self.recipe.compile
+                    and all(o.meta.batch_size == 1 for o in observations)
+                    and len(observations) >= torch.get_num_threads()):
                 return one_per_core(lambda obs: self.reconstruct(obs, model), observations)
             return [self.reconstruct(obs, model) for obs in observations]
         device = next(model.parameters()).device

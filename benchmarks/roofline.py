@@ -60,7 +60,7 @@ def machine() -> dict:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     x, y = torch.randn(11_250_000), torch.randn(11_250_000)
     mkl = bundled_mkl()
-    return {"threads": torch.get_num_threads(), "blas_threads": mkl.MKL_Get_Max_Threads() if mkl else None,
+    return {"threads": torch.get_num_threads(), "blas_threads": mkl.MKL_Get_Max_Threads() if mkl is not None else None,
             "gemm_peak_gflops": round(2 * 2048**3 / best_seconds(lambda: a @ b, 5) / 1e9, 1),
             "memory_gb_per_s": round(2 * x.numel() * 4 / best_seconds(lambda: torch.dot(x, y), 10) / 1e9, 1)}
 

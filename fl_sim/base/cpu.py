@@ -117,35 +117,34 @@ def blas_on_one_thread() -> Iterator[None]:
         mkl.MKL_Set_Num_Threads_Local(previous)
 
 
-INTERRUPTED = threading.Event()  # set while one_per_core's caller waits for its workers to stop
+_WORKER = threading.local()  # in one_per_core's workers: .stop, that call's Event
 
 
 def interrupted() -> bool:
-    """Whether :func:`one_per_core`'s caller was interrupted: a long loop in a worker should raise
-    KeyboardInterrupt at its next iteration."""
-    return INTERRUPTED.is_set()
+    """In a worker of :func:`one_per_core`: whether it should stop (its caller was interrupted, or another item
+    raised); a long loop then raises KeyboardInterrupt at its next iteration. Elsewhere False."""
+    stop = getattr(_WORKER, "stop", None)
+    return stop is not None and stop.is_set()
 
 
 def one_per_core(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """``[fn(x) for x in items]``, the items side by side on as many threads as PyTorch has, each on one core:
-    PyTorch's count is 1 meanwhile (its kernels run in the calling thread) and every worker runs MKL on its own
-    thread alone (:func:`blas_on_one_thread`); restored afterwards. Results in order; the first exception is
-    re-raised once the workers stop. An interrupt (Ctrl-C) is re-raised once the workers have returned: meanwhile
-    :func:`interrupted` is True, and long loops in ``fn`` stop on it (the attacks' optimisation loop). With one
-    thread, or fewer than two items, one after another. A batch-1 gradient-matching step keeps two cores busy only
-    in its matrix products, so whole problems on separate cores finish sooner (GGI, ResNet-18, 32 px, K = 8 on
-    2 cores: 1.6–1.8x the throughput of one after another, the same images). ``fn`` must not change PyTorch's
-    global settings (thread counts, backends' switches)."""
+    """``[fn(x) for x in items]``, side by side on as many threads as PyTorch has, each alone on a core (PyTorch's
+    count 1 meanwhile, MKL's 1 in each worker: :func:`blas_on_one_thread`; restored afterwards); results in order.
+    The first exception, or an interrupt (Ctrl-C), is re-raised once the workers have returned: they stop at their
+    loops' next check of :func:`interrupted`. With one thread, or fewer than two items, one after another. For work
+    that keeps the cores busy only in part, e.g. batch-1 gradient matching (ResNet-18, 32 px, 8 problems on 2 cores:
+    1.6–1.8x the throughput). ``fn`` must not change PyTorch's global settings (thread counts, backends' switches)."""
     threads = torch.get_num_threads()
     if threads == 1 or len(items) < 2:
         return [fn(x) for x in items]
     results: list[R | None] = [None] * len(items)
     errors: list[BaseException] = []
-    todo, lock = iter(range(len(items))), threading.Lock()
+    todo, lock, stop = iter(range(len(items))), threading.Lock(), threading.Event()
 
     def work() -> None:
+        _WORKER.stop = stop
         with blas_on_one_thread():
-            while not errors and not INTERRUPTED.is_set():
+            while not stop.is_set():
                 with lock:
                     i = next(todo, None)
                 if i is None:
@@ -154,20 +153,21 @@ def one_per_core(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
                     results[i] = fn(items[i])
                 except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                     errors.append(err)
+                    stop.set()
 
     workers = [threading.Thread(target=work) for _ in range(min(threads, len(items)))]
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(1)
         for worker in workers:
             worker.start()
         for worker in workers:
             while worker.is_alive():  # in steps: the main thread then sees an interrupt at once
                 worker.join(0.05)
     except BaseException:  # an interrupt: the workers stop at their loops' next check
-        INTERRUPTED.set()
+        stop.set()
         for worker in workers:
-            worker.join()
-        INTERRUPTED.clear()
+            if worker.ident is not None:
+                worker.join()
         raise
     finally:
         torch.set_num_threads(threads)
