@@ -15,7 +15,8 @@ the ConvNet 14.3 → 9.1 ms, the DLG LeNet 2.1 → 1.9 ms (one thread, tuned_for
 0.568 → 0.544, ResNet-50 224 px batch 8 8.0 → 5.6 (the ConvNet unchanged). In plain autograd, im2col of 8 × 8
 positions and more is a strided copy (:class:`Im2col`), on CPU freed memory stays in the process
 (:func:`retain_freed_memory`), and a large model's single-image attack runs PyTorch's kernels on one thread and only
-MKL's products on all (:func:`threads_for_gemms_only`).
+MKL's products on all (:func:`threads_for_gemms_only`); chains of small BLAS calls run on one thread
+(:func:`blas_on_one_thread`), and independent problems side by side, one per core (:func:`one_per_core`).
 """
 
 from __future__ import annotations
