@@ -35,7 +35,7 @@ from attacks.regularizers import (
     with_priors,
 )
 from attacks.simulate import ClientSimulator, UnsupportedObservation
-from fl_sim.base.cpu import one_per_core, small_on_cpu, tuned_for
+from fl_sim.base.cpu import faster_one_per_core, one_per_core, tuned_for
 from fl_sim.base.precision import arithmetic, unavailable
 from fl_sim.base.streams import ATTACK_START
 from fl_sim.observation import Observation
@@ -178,15 +178,13 @@ class GradientInversion(ObservationAttack):
         recipe asks for it (``batched``) and allows it (attacks.batched); otherwise each alone — on CPU, eager, a
         model of a million parameters and more on single images side by side, one observation per core, when
         there are at least as many as cores (fl_sim.base.cpu.one_per_core; batches keep all threads each)."""
+        device = next(model.parameters()).device
         alone = len(observations) * self.recipe.restarts < 2 and not self.recipe.compile
         if alone or not self.recipe.batched or unbatchable(self.recipe, observations, model) is not None:
-            device = next(model.parameters()).device
-            if (device.type == "cpu" and not small_on_cpu(model, device) and not self.recipe.compile
-                    and all(o.meta.batch_size == 1 for o in observations)
-                    and len(observations) >= torch.get_num_threads()):
+            single = all(o.meta.batch_size == 1 for o in observations)
+            if not self.recipe.compile and faster_one_per_core(model, device, single, len(observations)):
                 return one_per_core(lambda obs: self.reconstruct(obs, model), observations)
             return [self.reconstruct(obs, model) for obs in observations]
-        device = next(model.parameters()).device
         if (why := unavailable(self.recipe.precision, device)) is not None:
             return [self._failed(obs, why) for obs in observations]
         with tuned_for(model, device):

@@ -177,6 +177,15 @@ def one_per_core(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     return results  # type: ignore[return-value]
 
 
+def faster_one_per_core(model: nn.Module, device: torch.device, single_images: bool, problems: int) -> bool:
+    """Whether ``problems`` attacks of ``model`` finish sooner side by side (:func:`one_per_core`) than one after
+    another: on CPU, a model of SMALL_MODEL_PARAMETERS and more (small ones run on one thread anyway: tuned_for),
+    every forward of one image (batches: oneDNN's convolutions need all threads), and no core left idle (at least as
+    many problems as PyTorch's threads)."""
+    return (device.type == "cpu" and not small_on_cpu(model, device) and single_images
+            and problems >= torch.get_num_threads())
+
+
 @contextmanager
 def tuned_for(model: nn.Module, device: torch.device, single_image: bool = False) -> Iterator[None]:
     """One thread and native convolutions for small models on CPU; restored afterwards. Larger models, when every
