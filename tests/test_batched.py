@@ -180,30 +180,27 @@ def test_a_model_the_replicas_cannot_express_is_refused():
     assert replicate(plain, 2, (1, 3, 8, 8)) is not None
 
 
-def test_on_cpu_a_large_models_clients_are_attacked_side_by_side_with_the_results_of_one_by_one(monkeypatch):
+def test_on_cpu_a_large_models_clients_are_attacked_side_by_side_with_the_results_of_one_by_one(monkeypatch,
+                                                                                                  torch_threads):
     """ResNet-18 on CPU, eager, single images: reconstruct_many solves the round's clients one per core
     (one_per_core) — two threads at once, PyTorch's and MKL's counts 1 inside — and returns exactly what one by one
     does (on 2 threads); fewer clients than threads run one by one."""
     model, observations = round_of("resnet18", 3)
     attack = GradientInversion("ggi", recipe("ggi", iterations=3))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        one_by_one = [attack.reconstruct(o, model) for o in observations]
-        seen, reconstruct = [], GradientInversion.reconstruct
+    torch_threads(2)
+    one_by_one = [attack.reconstruct(o, model) for o in observations]
+    seen, reconstruct = [], GradientInversion.reconstruct
 
-        def watched(self, obs, model, oracle_labels=None):
-            seen.append((threading.get_ident(), torch.get_num_threads()))
-            return reconstruct(self, obs, model, oracle_labels)
+    def watched(self, obs, model, oracle_labels=None):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return reconstruct(self, obs, model, oracle_labels)
 
-        monkeypatch.setattr(GradientInversion, "reconstruct", watched)
-        side_by_side = attack.reconstruct_many(observations, model)
-        assert len({ident for ident, _ in seen}) == 2 and threading.get_ident() not in {ident for ident, _ in seen}
-        assert {threads for _, threads in seen} == {1}
-        seen.clear()
-        attack.reconstruct_many(observations[:1], model)  # fewer clients than threads: one by one, all threads
-        assert seen == [(threading.get_ident(), 2)]
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.setattr(GradientInversion, "reconstruct", watched)
+    side_by_side = attack.reconstruct_many(observations, model)
+    assert len({ident for ident, _ in seen}) == 2 and threading.get_ident() not in {ident for ident, _ in seen}
+    assert {threads for _, threads in seen} == {1}
+    seen.clear()
+    attack.reconstruct_many(observations[:1], model)  # fewer clients than threads: one by one, all threads
+    assert seen == [(threading.get_ident(), 2)]
     for a, b in zip(one_by_one, side_by_side, strict=True):
         assert b.failure is None and torch.equal(a.images, b.images) and a.loss_trace == b.loss_trace

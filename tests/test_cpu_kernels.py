@@ -202,94 +202,82 @@ def test_retained_memory_is_reused_without_faulting_its_pages_in_again():
     assert kept[1] < pages // 10  # 0 in 11 of 12 runs here, 9 375 in one (one round's tensors placed afresh)
 
 
-def test_a_large_model_of_single_images_runs_only_mkls_products_on_all_threads():
+def test_a_large_model_of_single_images_runs_only_mkls_products_on_all_threads(torch_threads):
     """tuned_for(single_image=True), a model of a million parameters and more: PyTorch's kernels on one thread, MKL's
     products on all (MKL's own count, read back from MKL), the same outputs, and everything restored afterwards;
     batches (oneDNN's convolutions) keep the threads, and small models run on one thread throughout."""
     mkl = cpu.bundled_mkl()
     if mkl is None:
         pytest.skip("this PyTorch carries no MKL")
-    here, before = torch.device("cpu"), torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 400), nn.ReLU(), nn.Linear(400, 10))  # 1.2 M
-        assert not cpu.small_on_cpu(model, here)
-        x = torch.randn(1, 3, 32, 32)
-        outside = model(x)
-        with cpu.tuned_for(model, here, single_image=True):
-            threads = torch.get_num_threads(), mkl.MKL_Get_Max_Threads()
-            inside = model(x)
-        assert threads == (1, 2)
+    here = torch.device("cpu")
+    torch_threads(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 400), nn.ReLU(), nn.Linear(400, 10))  # 1.2 M
+    assert not cpu.small_on_cpu(model, here)
+    x = torch.randn(1, 3, 32, 32)
+    outside = model(x)
+    with cpu.tuned_for(model, here, single_image=True):
+        threads = torch.get_num_threads(), mkl.MKL_Get_Max_Threads()
+        inside = model(x)
+    assert threads == (1, 2)
+    assert (torch.get_num_threads(), mkl.MKL_Get_Max_Threads()) == (2, 2)
+    torch.testing.assert_close(inside, outside)
+    with cpu.tuned_for(model, here):
         assert (torch.get_num_threads(), mkl.MKL_Get_Max_Threads()) == (2, 2)
-        torch.testing.assert_close(inside, outside)
-        with cpu.tuned_for(model, here):
-            assert (torch.get_num_threads(), mkl.MKL_Get_Max_Threads()) == (2, 2)
-        with cpu.tuned_for(nn.Linear(10, 2), here, single_image=True):
-            assert (torch.get_num_threads(), mkl.MKL_Get_Max_Threads()) == (1, 1)
-    finally:
-        torch.set_num_threads(before)
+    with cpu.tuned_for(nn.Linear(10, 2), here, single_image=True):
+        assert (torch.get_num_threads(), mkl.MKL_Get_Max_Threads()) == (1, 1)
 
 
-def test_the_fused_distance_takes_its_dot_products_on_one_blas_thread(monkeypatch):
+def test_the_fused_distance_takes_its_dot_products_on_one_blas_thread(monkeypatch, torch_threads):
     """On CPU FusedCosine's dot products run with MKL's count at 1 (read back from MKL at every dot), inside the
     thread split too, and both counts are as they were afterwards."""
     mkl = cpu.bundled_mkl()
     if mkl is None:
         pytest.skip("this PyTorch carries no MKL")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch_threads(2)
     counts, dot = [], torch.dot
     monkeypatch.setattr(torch, "dot", lambda a, b: counts.append(mkl.MKL_Get_Max_Threads()) or dot(a, b))
     target = [torch.randn(300_000), torch.randn(700_000), torch.randn(10)]
     distance = GradientDistance(target, "cosine", "uniform")
-    try:
-        assert distance.fused
-        for split in (False, True):
-            with cpu.threads_for_gemms_only() if split else contextlib.nullcontext():
-                outside = mkl.MKL_Get_Max_Threads()
-                value = distance([t * 2 for t in target])
-                assert mkl.MKL_Get_Max_Threads() == outside == 2
-        assert len(counts) == 2 * 2 * (3 + 6 + 1) and set(counts) == {1}  # chunks of 131 072: 3 + 6 + 1 per dot
-        assert abs(value.item()) < 1e-6  # the same direction: distance 0
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    assert distance.fused
+    for split in (False, True):
+        with cpu.threads_for_gemms_only() if split else contextlib.nullcontext():
+            outside = mkl.MKL_Get_Max_Threads()
+            value = distance([t * 2 for t in target])
+            assert mkl.MKL_Get_Max_Threads() == outside == 2
+    assert len(counts) == 2 * 2 * (3 + 6 + 1) and set(counts) == {1}  # chunks of 131 072: 3 + 6 + 1 per dot
+    assert abs(value.item()) < 1e-6  # the same direction: distance 0
+    assert torch.get_num_threads() == 2
 
 
-def test_one_per_core_runs_the_items_side_by_side_each_on_one_thread_in_order():
+def test_one_per_core_runs_the_items_side_by_side_each_on_one_thread_in_order(torch_threads):
     mkl = cpu.bundled_mkl()
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        started = threading.Barrier(2, timeout=10)  # passes only if two items run at once
+    torch_threads(2)
+    started = threading.Barrier(2, timeout=10)  # passes only if two items run at once
 
-        def item(x: int) -> tuple[int, int, int | None]:
-            if x < 2:
-                started.wait()
-            return x * x, torch.get_num_threads(), mkl.MKL_Get_Max_Threads() if mkl is not None else None
+    def item(x: int) -> tuple[int, int, int | None]:
+        if x < 2:
+            started.wait()
+        return x * x, torch.get_num_threads(), mkl.MKL_Get_Max_Threads() if mkl is not None else None
 
-        out = cpu.one_per_core(item, list(range(5)))
-        assert [square for square, _, _ in out] == [0, 1, 4, 9, 16]
-        assert {(threads, blas) for _, threads, blas in out} == {(1, 1 if mkl is not None else None)}
-        assert torch.get_num_threads() == 2
+    out = cpu.one_per_core(item, list(range(5)))
+    assert [square for square, _, _ in out] == [0, 1, 4, 9, 16]
+    assert {(threads, blas) for _, threads, blas in out} == {(1, 1 if mkl is not None else None)}
+    assert torch.get_num_threads() == 2
 
-        def fails(x: int) -> int:
-            if x == 3:
-                raise ValueError("item 3")
-            return x
+    def fails(x: int) -> int:
+        if x == 3:
+            raise ValueError("item 3")
+        return x
 
-        with pytest.raises(ValueError, match="item 3"):
-            cpu.one_per_core(fails, list(range(6)))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="item 3"):
+        cpu.one_per_core(fails, list(range(6)))
+    assert torch.get_num_threads() == 2
 
 
-def test_an_interrupted_one_per_core_stops_its_workers_and_reraises():
+def test_an_interrupted_one_per_core_stops_its_workers_and_reraises(torch_threads):
     """Ctrl-C while items run side by side: the workers see interrupted() and return, no new item starts, the
     interrupt reaches the caller within moments, and the thread count is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch_threads(2)
     started = []
 
     def item(x: int) -> int:
@@ -301,15 +289,12 @@ def test_an_interrupted_one_per_core_stops_its_workers_and_reraises():
             raise KeyboardInterrupt
         return x
 
-    try:
-        threading.Timer(0.3, _thread.interrupt_main).start()
-        t0 = time.monotonic()
-        with pytest.raises(KeyboardInterrupt):
-            cpu.one_per_core(item, list(range(6)))
-        assert time.monotonic() - t0 < 10
-        assert sorted(started) == [0, 1] and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    threading.Timer(0.3, _thread.interrupt_main).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cpu.one_per_core(item, list(range(6)))
+    assert time.monotonic() - t0 < 10
+    assert sorted(started) == [0, 1] and torch.get_num_threads() == 2
 
 
 def test_the_optimisation_loop_stops_when_one_per_cores_caller_is_interrupted():
