@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import torch
@@ -105,19 +106,30 @@ class GradientInversion(ObservationAttack):
         device = next(model.parameters()).device
         if (why := unavailable(self.recipe.precision, device)) is not None:  # device = 'auto' found no CUDA
             return self._failed(obs, why)
-        with tuned_for(model, device, single_image=obs.meta.batch_size == 1 and not self.recipe.compile):
+        single = obs.meta.batch_size == 1 and not self.recipe.compile
+        side_by_side = single and self.recipe.restarts > 1 and faster_one_per_core(model, device, True,
+                                                                                   self.recipe.restarts)
+        with tuned_for(model, device, single_image=single and not side_by_side):
             if self.recipe.compile and oracle_labels is None and unbatchable(self.recipe, [obs], model) is None:
                 return self._reconstruct_batched([obs], model, device)[0]  # compiling needs the functional step
-            return self._reconstruct(obs, model, oracle_labels)
+            return self._reconstruct(obs, model, oracle_labels, side_by_side)
 
-    def _reconstruct(self, obs: Observation, model: nn.Module, oracle_labels: torch.Tensor | None) -> Reconstruction:
+    def _simulator(self, model: nn.Module, obs: Observation, device: torch.device,
+                   client: list[ClientStatistics] | None) -> ClientSimulator:
+        r = self.recipe
+        return ClientSimulator(model, obs, device, track_bn=r.bn_stats > 0,
+                               client_stats=client if r.bn_forward == "client" else None,
+                               separate_epochs=r.epochs == "separate")
+
+    def _reconstruct(self, obs: Observation, model: nn.Module, oracle_labels: torch.Tensor | None,
+                     side_by_side: bool = False) -> Reconstruction:
+        """``side_by_side``: the restarts one per core (fl_sim.base.cpu.one_per_core), each thread with its own
+        simulator (functional_call swaps the model's parameters in place)."""
         start, r = time.perf_counter(), self.recipe
         device = next(model.parameters()).device
         try:
             client = self._client_statistics(model, obs)
-            sim = ClientSimulator(model, obs, device, track_bn=r.bn_stats > 0,
-                                  client_stats=client if r.bn_forward == "client" else None,
-                                  separate_epochs=r.epochs == "separate")
+            sim = self._simulator(model, obs, device, client)
             labels = self._labels(sim, obs, oracle_labels)
         except (UnsupportedObservation, LabelRecoveryError, BuffersUnavailable) as err:
             return self._failed(obs, str(err), time.perf_counter() - start)
@@ -127,30 +139,38 @@ class GradientInversion(ObservationAttack):
         bounds = (norm.normalize(ones * 0), norm.normalize(ones))
         distance = GradientDistance(sim.target, r.loss, r.layer_weights)
         priors = self._priors(sim, obs)
-        ties: list[EpochTie] = []
+        simulators = {threading.get_ident(): sim}
 
-        def objective(z: torch.Tensor, logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-            y = labels if logits is None else F.softmax(logits, dim=-1)
-            matched = distance(sim(z, y))
-            loss = matched + with_priors(priors, z, norm)
-            if r.bn_stats:
-                loss = loss + r.bn_stats * sim.bn_statistics_loss(client if r.bn_target == "client" else None)
-            if sim.copies > 1 and r.epoch_prior:
-                loss = loss + r.epoch_prior * ties[-1](z)
-            return loss, matched
+        def trial(k: int) -> Trial:
+            """Restart k from its own seeded start."""
+            here = threading.get_ident()
+            if here not in simulators:  # a worker of one_per_core
+                simulators[here] = self._simulator(model, obs, device, client)
+            mine, tie = simulators[here], EpochTie(sim.copies, sim.num_images, labels)
 
-        trials: list[Trial] = []
-        for k in range(r.restarts):
+            def objective(z: torch.Tensor, logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                y = labels if logits is None else F.softmax(logits, dim=-1)
+                matched = distance(mine(z, y))
+                loss = matched + with_priors(priors, z, norm)
+                if r.bn_stats:
+                    loss = loss + r.bn_stats * mine.bn_statistics_loss(client if r.bn_target == "client" else None)
+                if mine.copies > 1 and r.epoch_prior:
+                    loss = loss + r.epoch_prior * tie(z)
+                return loss, matched
+
             gen = torch.Generator().manual_seed(ATTACK_START.seed(r.seed, k, obs.server_round, obs.client))
             z0 = self._init(sim.num_candidates, obs, gen).to(device)
             logits0 = (torch.randn(sim.num_images, obs.num_classes, generator=gen).to(device)
                        if self.joint_labels else None)
-            ties.append(EpochTie(sim.copies, sim.num_images, labels))
             with arithmetic(r.precision, device):
-                trials.append(optimize(objective, z0, logits0, r, bounds, monitor=self._watch(obs),
-                                       desc=f"{self.name} round {obs.server_round} client {obs.client}"))
+                found = optimize(objective, z0, logits0, r, bounds, monitor=self._watch(obs),
+                                 desc=f"{self.name} round {obs.server_round} client {obs.client}")
             if sim.copies > 1:  # the epochs' copies merged into the N images
-                trials[-1] = dataclasses.replace(trials[-1], z=ties[-1].merged(trials[-1].z))
+                found = dataclasses.replace(found, z=tie.merged(found.z))
+            return found
+
+        restarts = range(r.restarts)
+        trials = one_per_core(trial, restarts) if side_by_side else [trial(k) for k in restarts]
         return self._result(trials, labels, obs, time.perf_counter() - start)
 
     def _failed(self, obs: Observation, why: str, seconds: float = 0.0) -> Reconstruction:
@@ -177,7 +197,8 @@ class GradientInversion(ObservationAttack):
         """Every observation of one round, all restarts included, as one batched optimisation when the
         recipe asks for it (``batched``) and allows it (attacks.batched); otherwise each alone — on CPU, eager, a
         model of a million parameters and more on single images side by side, one observation per core, when
-        there are at least as many as cores (fl_sim.base.cpu.one_per_core; batches keep all threads each)."""
+        there are at least as many as cores (fl_sim.base.cpu.one_per_core; batches keep all threads each); with
+        fewer, each observation's restarts side by side (``reconstruct``)."""
         device = next(model.parameters()).device
         alone = len(observations) * self.recipe.restarts < 2 and not self.recipe.compile
         if alone or not self.recipe.batched or unbatchable(self.recipe, observations, model) is not None:

@@ -12,8 +12,11 @@ LeNet and on ResNet-18 (32 px, batch 1), and on a GPU GGI on ResNet-50 (224 px p
 ResNet-18's "batched" run takes one problem per core, each alone (fl_sim.base.cpu.one_per_core; attacks.batched.
 unbatchable: vmap measured 0.71-0.77x there).
 
+With ``--restarts R``: per setting also one client with R restarts, the restarts one after another against
+``reconstruct`` as it runs them (on CPU, eager, models of a million parameters and more: one per core).
+
 Usage: uv run python benchmarks/batched_attacks.py [--settings ggi/lenet ...] [--ks 1 4 8 16]
-       [--iterations N] [--no-compile] [--device cpu]
+       [--iterations N] [--no-compile] [--restarts 8] [--device cpu]
 """
 
 import os
@@ -25,6 +28,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -120,6 +124,22 @@ def measure(name: str, setting: Setting, k: int, iterations: int, device: str, c
     return row
 
 
+def restarts_row(name: str, setting: Setting, restarts: int, iterations: int, device: str) -> dict:
+    """One client with ``restarts`` restarts (K = restarts problems): the restarts one after another (side by side
+    switched off) against ``reconstruct`` as it runs them (on CPU, large models: one per core)."""
+    model, (obs,) = one_round(setting, 1, device)
+    attack = GradientInversion(setting.preset, recipe(setting.preset, iterations=iterations, restarts=restarts,
+                                                      **setting.overrides))
+    with mock.patch("attacks.gradient_inversion.faster_one_per_core", return_value=False):
+        one_after_another, sequential = timed(lambda: attack.reconstruct(obs, model))
+    rec, seconds = timed(lambda: attack.reconstruct(obs, model))
+    return {"setting": name, "restarts": restarts, "iterations": iterations, "device": device,
+            "sequential_s": round(sequential, 3), "side_by_side_s": round(seconds, 3),
+            "speedup": round(sequential / seconds, 2),
+            "max_image_difference": float((rec.images - one_after_another.images).abs().max()),
+            "peak_memory_mb": round(peak_memory_mb(device), 1)}
+
+
 def one_problem(name: str, setting: Setting, device: str) -> dict:
     """Seconds per iteration of one problem, eager, after a warm-up run."""
     model, (obs,) = one_round(setting, 1, device)
@@ -137,6 +157,8 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--iterations", type=int, help="iterations per run (default: per setting)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
+    parser.add_argument("--restarts", type=int, nargs="+", default=[],
+                        help="also: one client with R restarts, one after another against side by side")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     settings = {n: SETTINGS[n] for n in args.settings if args.device == "cuda" or not SETTINGS[n].gpu_only}
@@ -145,6 +167,10 @@ def main() -> None:
         for k in args.ks:
             out["batched"].append(measure(n, s, k, args.iterations or s.iterations, args.device, not args.no_compile))
             print(json.dumps(out["batched"][-1]), flush=True)
+        for restarts in args.restarts:
+            out.setdefault("restarts", []).append(restarts_row(n, s, restarts, args.iterations or s.iterations,
+                                                               args.device))
+            print(json.dumps(out["restarts"][-1]), flush=True)
     print(json.dumps(out, indent=1))
 
 

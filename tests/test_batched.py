@@ -204,3 +204,38 @@ def test_on_cpu_a_large_models_clients_are_attacked_side_by_side_with_the_result
     assert seen == [(threading.get_ident(), 2)]
     for a, b in zip(one_by_one, side_by_side, strict=True):
         assert b.failure is None and torch.equal(a.images, b.images) and a.loss_trace == b.loss_trace
+
+
+def test_on_cpu_a_large_models_restarts_run_side_by_side_each_with_its_own_simulator(monkeypatch, torch_threads):
+    """One ResNet-18 client with three restarts on 2 threads: the restarts run one per core (two worker threads,
+    PyTorch's count 1 in them), each worker builds its own ClientSimulator (functional_call swaps the model's
+    parameters, so threads must not share one), and the result equals the restarts one after another."""
+    import attacks.gradient_inversion as gi
+
+    model, (obs,) = round_of("resnet18", 1)
+    attack = GradientInversion("ggi", recipe("ggi", iterations=2, restarts=3))
+    torch_threads(2)
+    built, optimized = [], []
+    simulator, optimize = GradientInversion._simulator, gi.optimize
+
+    def counted(self, *args):
+        built.append(threading.get_ident())
+        return simulator(self, *args)
+
+    def watched(*args, **kwargs):
+        optimized.append((threading.get_ident(), torch.get_num_threads()))
+        return optimize(*args, **kwargs)
+
+    monkeypatch.setattr(GradientInversion, "_simulator", counted)
+    monkeypatch.setattr(gi, "optimize", watched)
+    side_by_side = attack.reconstruct(obs, model)
+    workers = {ident for ident, _ in optimized}
+    assert len(optimized) == 3 and len(workers) == 2 and threading.get_ident() not in workers
+    assert {threads for _, threads in optimized} == {1}
+    assert built[0] == threading.get_ident() and sorted(built[1:]) == sorted(workers)  # one more per worker
+    monkeypatch.setattr(gi, "faster_one_per_core", lambda *args: False)
+    optimized.clear()
+    one_after_another = attack.reconstruct(obs, model)
+    assert {ident for ident, _ in optimized} == {threading.get_ident()} and {t for _, t in optimized} == {1}
+    assert side_by_side.failure is None and torch.equal(side_by_side.images, one_after_another.images)
+    assert side_by_side.loss_trace == one_after_another.loss_trace
