@@ -1,6 +1,6 @@
 """The breaching side of benchmarks/vs_breaching.py. Runs in an isolated environment with breaching==0.1.2
-(never the product's): it imports only torch and breaching, reads one case file path per stdin line and
-answers one JSON line per case.
+(never the product's): it imports only torch and breaching, says it is ready in one JSON line, then reads one
+case file path per stdin line and answers one JSON line per case.
 
 A case file (torch.save) holds: attack (deepleakage | idlg | invertinggradients), model (lenet_zhu |
 resnet18 | resnet50), case (breaching's case config) and data (its case/data config, or None: the case's own),
@@ -152,6 +152,8 @@ def main() -> None:
     logging.disable(logging.INFO)
     answers, sys.stdout = sys.stdout, sys.stderr  # breaching prints; only answers go to the real stdout
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    answers.write(json.dumps({"ready": True}) + "\n")  # set up: the harness starts timing only after this line
+    answers.flush()
     for line in sys.stdin:
         path = line.strip()
         if not path:
