@@ -173,7 +173,7 @@ class Breaching:
         # wait until the worker's environment is installed and imported: that set-up must not run beside the
         # first case (it did: fl-sim's first case, which goes first, ran at up to 2.5x its later cases' time)
         assert self.proc.stdout is not None
-        if "ready" not in json.loads(self.proc.stdout.readline() or '{"error": "the worker exited"}'):
+        if self.proc.stdout.readline().strip() != json.dumps({"ready": True}):  # empty: the worker exited
             raise SystemExit("the breaching worker did not start (see its output above)")
 
     def __call__(self, pair: Pairing, state: dict, case: Case, seed: int, iterations: int,
